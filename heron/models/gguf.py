@@ -109,12 +109,17 @@ class GGUFFile:
     def num_parameters(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self._reader.tensors)
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(
+        self, dtype: torch.dtype, only: set[str] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (GGUF name, tensor in PyTorch's [out, in] layout) one at a time, dequantized to dtype."""
         for t in self._reader.tensors:
+            if only is not None and t.name not in only:
+                continue
             qtype = GGMLQuantizationType(t.tensor_type)
             if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                array = np.asarray(t.data)
+                # The reader's arrays view the read-only file mapping; copy before torch owns it.
+                array = np.array(t.data)
             elif qtype == GGMLQuantizationType.BF16:
                 # numpy has no bfloat16: the reader hands raw uint16 words.
                 raw = torch.from_numpy(np.ascontiguousarray(t.data).view(np.int16))

@@ -1,0 +1,238 @@
+"""The `heron` command: generate, chat, inspect (and serve, once the HTTP layer is in).
+
+Each subcommand parses its own flags (vLLM's names where vLLM has the same option) and imports the
+heavy modules only when it runs, so `heron --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--chat-template", default=None, help="a chat template file overriding the model's")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _make_llm(args: argparse.Namespace):
+    from heron import LLM
+
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        chat_template=args.chat_template,
+    )
+
+
+def _sampling(args: argparse.Namespace):
+    from heron import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling(args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if args.raw:
+        outputs = llm.generate(prompts, params)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    for prompt, out in zip(prompts, outputs):
+        completion = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": completion.text, "finish_reason": completion.finish_reason.value}))
+        else:
+            print(completion.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    llm = _make_llm(args)
+    params = _sampling(args)
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chatting with the model; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        reply = llm.chat(messages, params)[0].outputs[0].text
+        print(reply)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def inspect_model(model: str | None, dtype: str = "auto", device: str = "auto") -> dict[str, Any]:
+    """What a user needs to know before serving a model, read without loading its weights."""
+    import torch
+
+    from heron.models.arch_config import ArchConfig
+    from heron.models.gguf import GGUFFile
+    from heron.models.loader import resolve_device, resolve_dtype, resolve_model_path, safetensors_files
+    from heron.models.tokenizer import Tokenizer
+
+    path = resolve_model_path(model)
+    run_dtype = resolve_dtype(dtype, resolve_device(device))
+    info: dict[str, Any] = {"path": str(path)}
+    if path.is_file():
+        gguf = GGUFFile(path)
+        config = ArchConfig.from_gguf(gguf, "output.weight" in gguf.tensor_names)
+        tokenizer = Tokenizer.from_gguf(gguf.metadata)
+        num_params = gguf.num_parameters
+        info.update(
+            format="gguf",
+            name=gguf.metadata.get("general.name"),
+            quantization=", ".join(f"{k} x{v}" for k, v in sorted(gguf.tensor_types().items(), key=lambda kv: -kv[1])),
+            chat_template_source="GGUF metadata (tokenizer.chat_template)" if gguf.metadata.get("tokenizer.chat_template") else None,
+        )
+    else:
+        from safetensors import safe_open
+
+        hf_config = json.loads((path / "config.json").read_text())
+        tokenizer = Tokenizer.from_hf_dir(path)
+        num_params = 0
+        stored: set[str] = set()
+        for file in safetensors_files(path):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    if sl.get_dtype().startswith(("I", "U", "BOOL")):
+                        continue  # index buffers (position_ids), not weights
+                    shape = sl.get_shape()
+                    count = 1
+                    for d in shape:
+                        count *= d
+                    num_params += count
+                    stored.add(sl.get_dtype())
+        architecture = (hf_config.get("architectures") or ["?"])[0]
+        config = None if architecture == "BertModel" else ArchConfig.from_hf_config(hf_config)
+        template_source = None
+        if (path / "chat_template.jinja").exists():
+            template_source = "chat_template.jinja"
+        elif tokenizer.chat_template:
+            template_source = "tokenizer_config.json"
+        info.update(format="hf", name=path.name, quantization=f"none (stored as {', '.join(sorted(stored))})", chat_template_source=template_source)
+        if config is None:
+            info.update(architecture=architecture, context_length=hf_config.get("max_position_embeddings"), hidden_size=hf_config.get("hidden_size"), num_layers=hf_config.get("num_hidden_layers"))
+    element = torch.tensor([], dtype=run_dtype).element_size()
+    if config is not None:
+        info.update(
+            architecture=config.architecture,
+            context_length=config.max_position_embeddings,
+            hidden_size=config.hidden_size,
+            num_layers=config.num_hidden_layers,
+            attention_heads=f"{config.num_attention_heads} (KV heads {config.num_key_value_heads}, head dim {config.head_dim})",
+            rope=f"theta {config.rope_theta:g}" + (f", scaling {config.rope_scaling}" if config.rope_scaling else ""),
+            tied_embeddings=config.tie_word_embeddings,
+        )
+    info.update(
+        parameters=num_params,
+        run_dtype=str(run_dtype).removeprefix("torch."),
+        weight_memory=_format_bytes(num_params * element),
+        vocab_size=tokenizer.vocab_size,
+        special_tokens={k: v for k, v in tokenizer.special_tokens.items() if v is not None},
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        add_bos_token=tokenizer.add_bos_token,
+    )
+    if config is not None:
+        kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
+        info["kv_cache_per_token"] = _format_bytes(kv_per_token)
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model, args.dtype, args.device)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if isinstance(value, int) and key == "parameters":
+            value = f"{value:,} ({value / 1e6:.1f}M)"
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heron", description="Heron: a small, fast LLM serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate completions offline for prompts (arguments or stdin lines)")
+    _add_model_args(p)
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", "-p", action="append", help="a prompt (repeatable); default: read lines from stdin")
+    p.add_argument("--raw", action="store_true", help="send prompts as plain text, without the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="an interactive chat in the terminal")
+    _add_model_args(p)
+    _add_engine_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="a system message")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("inspect", help="print what a model is, without loading its weights")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"heron: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

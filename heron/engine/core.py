@@ -1,0 +1,260 @@
+"""EngineCore: the synchronous engine loop, with no HTTP and no asyncio inside.
+
+`step()` = scheduler.schedule() -> runner.execute() -> scheduler.update() -> detokenize, check stop
+strings, and emit RequestOutputs. A request with `n > 1` fans out into n child Requests (which share
+the prompt's KV blocks through the prefix cache) and fans back into one RequestOutput. Outputs are
+deltas: every step reports what each sample added; the final output of a request also carries the
+full text, token ids and logprobs of every sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from heron.config import CacheConfig, SchedulerConfig
+from heron.engine.detokenizer import Detokenizer
+from heron.engine.kv_cache import KVCache
+from heron.engine.request import Request, RequestStatus
+from heron.engine.scheduler import Scheduler
+from heron.models.loader import LoadedModel
+from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
+from heron.sampling_params import SamplingParams
+from heron.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+# Default KV budget when none is given: enough for a busy CPU server without crowding the weights.
+DEFAULT_KV_CACHE_BYTES_CPU = 1 << 30
+DEFAULT_KV_CACHE_FRACTION_CUDA = 0.5
+
+
+@dataclass
+class _Sample:
+    """One child of a request: its engine Request, detokenizer and accumulated logprobs."""
+
+    request: Request
+    detokenizer: Detokenizer
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class _Group:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[_Sample]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finished_indices: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class EngineRuntime:
+    """Values found at start-up (never written back into config)."""
+
+    num_kv_blocks: int
+    block_size: int
+    kv_cache_bytes: int
+    max_model_len: int
+
+
+class EngineCore:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        cache_config: CacheConfig = CacheConfig(),
+        scheduler_config: SchedulerConfig = SchedulerConfig(),
+        max_model_len: int | None = None,
+    ):
+        arch = loaded.arch_config
+        if arch is None:
+            raise ValueError(f"{loaded.source} is an embedding model; it cannot generate text")
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
+        model_max = arch.max_position_embeddings
+        if max_model_len is not None and max_model_len > model_max:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {model_max}")
+        max_model_len = max_model_len or model_max
+
+        per_block = ModelRunner.kv_bytes_per_block(
+            arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, cache_config.block_size, loaded.dtype
+        )
+        budget = cache_config.kv_cache_memory_bytes
+        if budget is None:
+            if loaded.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(loaded.device)
+                budget = int(free * DEFAULT_KV_CACHE_FRACTION_CUDA)
+            else:
+                budget = DEFAULT_KV_CACHE_BYTES_CPU
+        num_blocks = budget // per_block
+        blocks_per_seq = -(-max_model_len // cache_config.block_size)
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache budget of {budget} bytes holds no block ({per_block} bytes each)")
+        if num_blocks < blocks_per_seq:
+            # A sequence longer than the whole cache could never finish: cap the context instead.
+            max_model_len = num_blocks * cache_config.block_size
+        self.runtime = EngineRuntime(num_blocks, cache_config.block_size, num_blocks * per_block, max_model_len)
+        self.kv_cache = KVCache(num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache, max_model_len)
+        self.runner = ModelRunner(
+            loaded.model,
+            arch.num_hidden_layers,
+            arch.num_key_value_heads,
+            arch.head_dim,
+            num_blocks,
+            cache_config.block_size,
+            loaded.dtype,
+            loaded.device,
+            self.eos_token_ids,
+        )
+        self._groups: dict[str, _Group] = {}
+        self._child_to_group: dict[str, tuple[str, int]] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runtime.max_model_len
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        vocab = self.loaded.arch_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[0]}")
+        self.scheduler.check_prompt(len(prompt_token_ids))
+        samples = []
+        for index in range(params.n):
+            child_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            child_params = params
+            generator = None
+            if params.seed is not None:
+                # Each sample gets its own stream, so n samples differ yet replay exactly.
+                generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed + index)
+            request = Request(
+                child_id,
+                list(prompt_token_ids),
+                child_params,
+                cache_salt=cache_salt,
+                generator=generator,
+                eos_token_ids=self.eos_token_ids,
+            )
+            detokenizer = Detokenizer(
+                self.tokenizer,
+                prompt_token_ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            samples.append(_Sample(request, detokenizer, [] if params.logprobs is not None else None))
+        for i, sample in enumerate(samples):
+            self.scheduler.add_request(sample.request)
+            self._child_to_group[sample.request.request_id] = (request_id, i)
+        self._groups[request_id] = _Group(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            samples,
+            prompt_logprobs=[] if params.prompt_logprobs is not None else None,
+        )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks now. Returns False if it was unknown or done."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return False
+        for sample in group.samples:
+            self._child_to_group.pop(sample.request.request_id, None)
+            self.scheduler.finish_request(sample.request, FinishReason.ABORT)
+        return True
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        result = self.runner.execute(out)
+        updates = self.scheduler.update(out, result)
+
+        touched: dict[str, dict[int, CompletionOutput]] = {}
+        for request, token_id in updates:
+            group_id, index = self._child_to_group[request.request_id]
+            group = self._groups[group_id]
+            if request.request_id in result.prompt_logprobs and group.prompt_logprobs is not None and index == 0:
+                group.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
+            if token_id is None:
+                continue
+            sample = group.samples[index]
+            delta = self._advance(sample, request, token_id, result.logprobs.get(request.request_id))
+            touched.setdefault(group_id, {})[index] = delta
+
+        outputs = []
+        for group_id, deltas in touched.items():
+            group = self._groups[group_id]
+            for index, delta in deltas.items():
+                if delta.finish_reason is not None:
+                    group.finished_indices.add(index)
+            finished = len(group.finished_indices) == len(group.samples)
+            if finished:
+                # The final output carries every sample in full (and this step's deltas).
+                completions = [self._full_output(group, i, deltas.get(i)) for i in range(len(group.samples))]
+                del self._groups[group_id]
+                for sample in group.samples:
+                    self._child_to_group.pop(sample.request.request_id, None)
+            else:
+                completions = [deltas[i] for i in sorted(deltas)]
+            first = group.samples[0].request
+            outputs.append(
+                RequestOutput(
+                    request_id=group_id,
+                    prompt_token_ids=group.prompt_token_ids,
+                    outputs=completions,
+                    finished=finished,
+                    prompt_logprobs=group.prompt_logprobs if finished else None,
+                    num_cached_tokens=max(first.num_cached_tokens, 0),
+                )
+            )
+        return outputs
+
+    def _advance(self, sample: _Sample, request: Request, token_id: int, logprob: TokenLogprob | None) -> CompletionOutput:
+        """Detokenize one new token, apply stop strings, and describe what this sample added."""
+        finished_by_token = request.is_finished and request.finish_reason == FinishReason.STOP
+        # An EOS or stop token ends the text without appearing in it (vLLM and OpenAI alike).
+        if not finished_by_token or sample.request.sampling_params.include_stop_str_in_output:
+            stop_string = sample.detokenizer.update([token_id])
+            if stop_string is not None:
+                self.scheduler.finish_request(request, FinishReason.STOP)
+                # A stop string wins over a length limit reached on the same token.
+                request.finish_reason = FinishReason.STOP
+                request.stop_reason = stop_string
+        if sample.logprobs is not None and logprob is not None:
+            sample.logprobs.append(logprob)
+        finished = request.is_finished
+        return CompletionOutput(
+            index=self._child_to_group[request.request_id][1],
+            delta_text=sample.detokenizer.get_delta(finished=finished),
+            delta_token_ids=[token_id],
+            delta_logprobs=[logprob] if logprob is not None else None,
+            finish_reason=request.finish_reason if finished else None,
+            stop_reason=request.stop_reason if finished else None,
+        )
+
+    def _full_output(self, group: _Group, index: int, delta: CompletionOutput | None) -> CompletionOutput:
+        sample = group.samples[index]
+        request = sample.request
+        base = delta if delta is not None else CompletionOutput(index=index)
+        return replace(
+            base,
+            index=index,
+            text=sample.detokenizer.output_text,
+            token_ids=list(request.output_token_ids),
+            logprobs=sample.logprobs,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )

@@ -1,0 +1,67 @@
+"""Attention over the paged KV cache, with PyTorch's scaled_dot_product_attention.
+
+New K/V rows are written into the cache slots the scheduler assigned, then: all decode tokens of the
+batch attend in one padded SDPA call over K/V gathered from their block tables, and each prefill
+chunk attends causally (to its cached context too, when it has one). The same code runs on CPU and
+CUDA; SDPA picks the fused kernel each device has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from heron.worker.forward_batch import ForwardBatch
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, layer_idx: int, num_heads: int, num_kv_heads: int, head_dim: int, causal: bool = True):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.causal = causal
+        self.gqa = num_heads != num_kv_heads
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q [T, H, D], k/v [T, Hkv, D] -> [T, H * D]."""
+        out = torch.empty_like(q)
+        k_cache = v_cache = None
+        if batch.kv_caches is not None:
+            k_cache, v_cache = batch.kv_caches[self.layer_idx]
+            k_cache.index_copy_(0, batch.slot_mapping, k)
+            v_cache.index_copy_(0, batch.slot_mapping, v)
+
+        n = batch.num_decodes
+        if n:
+            qd = q[:n].unsqueeze(2)  # [B, H, 1, D]
+            kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vd = v_cache[batch.decode_slots].transpose(1, 2)
+            od = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=batch.decode_mask, scale=self.scale, enable_gqa=self.gqa
+            )
+            out[:n] = od.squeeze(2)
+
+        for span in batch.prefills:
+            qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+            if span.slots is None:
+                ks = k[span.start : span.end]
+                vs = v[span.start : span.end]
+                mask, is_causal = None, self.causal
+            else:
+                ks = k_cache[span.slots]
+                vs = v_cache[span.slots]
+                mask, is_causal = span.mask, False
+            os_ = F.scaled_dot_product_attention(
+                qs,
+                ks.transpose(0, 1).unsqueeze(0),
+                vs.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=self.scale,
+                enable_gqa=self.gqa,
+            )
+            out[span.start : span.end] = os_[0].transpose(0, 1)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,172 @@
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral), the base the Qwen models extend.
+
+Q/K/V and gate/up projections are fused into one matrix each (fewer, larger matmuls, which matters
+on a 2-core CPU); `load_weights` fills the fused matrices from Hugging Face's separate tensors.
+`forward` returns hidden states for the whole batch; `compute_logits` projects only the rows the
+sampler needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from heron.models.arch_config import ArchConfig
+from heron.models.layers.activation import gated_activation
+from heron.models.layers.attention import Attention
+from heron.models.layers.norm import RMSNorm
+from heron.models.layers.rotary import RotaryEmbedding, apply_rotary
+from heron.worker.forward_batch import ForwardBatch
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ArchConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
+
+    def project_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for per-head transforms before RoPE (Qwen3's Q/K norm); identity here."""
+        return q, k
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.project_qk(q, k)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        return self.o_proj(self.attn(q, k, v, batch))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ArchConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = gated_activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_class = LlamaAttention
+
+    def __init__(self, config: ArchConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ArchConfig, layer_class: type[LlamaDecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    layer_class = LlamaDecoderLayer
+    # HF tensor name fragment -> (fused parameter, shard index) for fused projections.
+    _fused_shards = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ArchConfig, rope_freq_factors: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.layer_class)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            rope_freq_factors,
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary.lookup(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 (the sampler's precision) for the given hidden rows."""
+        return self.lm_head(hidden).float()
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        attn = self.model.layers[0].self_attn
+        if fused == "qkv_proj":
+            return [attn.q_size, attn.kv_size, attn.kv_size]
+        return [self.config.intermediate_size] * 2
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs into the parameters, one tensor at a time."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.config.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            target, shard = name, None
+            for part, (fused, index) in self._fused_shards.items():
+                if f".{part}." in name:
+                    target, shard = name.replace(part, fused), index
+                    break
+            if target not in params:
+                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
+            param = params[target]
+            with torch.no_grad():
+                if shard is None:
+                    if param.shape != tensor.shape:
+                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                    param.copy_(tensor)
+                    loaded.add(target)
+                else:
+                    sizes = self._shard_sizes(target.split(".")[-2])
+                    offset = sum(sizes[:shard])
+                    part = param.narrow(0, offset, sizes[shard])
+                    if part.shape != tensor.shape:
+                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(part.shape)}")
+                    part.copy_(tensor)
+                    loaded.add(f"{target}#{shard}")
+        expected = set()
+        for pname in params:
+            fused = pname.split(".")[-2] if pname.endswith((".weight", ".bias")) else ""
+            if fused in ("qkv_proj", "gate_up_proj"):
+                count = 3 if fused == "qkv_proj" else 2
+                expected.update(f"{pname}#{i}" for i in range(count))
+            else:
+                expected.add(pname)
+        if self.config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"missing weights for {self.config.architecture}: {missing[:8]}")

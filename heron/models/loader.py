@@ -1,0 +1,290 @@
+"""Loading a model from a GGUF file or a Hugging Face directory into Heron's own modules.
+
+`load_model(path, dtype, device)` returns a LoadedModel: the module with weights in place, its
+ArchConfig, tokenizer, chat template source and generation defaults. The module is built on the
+meta device and materialised empty, and weights stream in one tensor at a time, so peak memory is
+about one copy of the model plus its largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heron.models.arch_config import ArchConfig
+from heron.models.bundled import default_chat_model_path
+from heron.models.gguf import GGUFFile, hf_tensor_name, unpermute_qk
+from heron.models.registry import EMBEDDING_ARCHITECTURES, resolve_model_class
+from heron.models.tokenizer import Tokenizer
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# GGUF architectures whose Q/K rows llama.cpp's converter permuted for its interleaved RoPE.
+_PERMUTED_QK_ARCHS = {"llama", "mistral"}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 where the hardware computes in it natively, else fp32 (never fp16 on CPU)."""
+    if dtype != "auto":
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        return _DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Without AVX512-BF16/AMX, CPU bf16 matmuls are emulated and several times slower than fp32.
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+@dataclass
+class GenerationDefaults:
+    """What a checkpoint's generation_config.json says; request values override these."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, ...
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    arch_config: ArchConfig | None  # None for encoder models, which keep their HF config dict
+    hf_config: dict[str, Any] | None
+    tokenizer: Tokenizer
+    chat_template: str | None
+    generation: GenerationDefaults
+    source: str  # the file or directory loaded
+    source_format: str  # "gguf" | "hf"
+    quantization: str  # e.g. "Q4_1 (210), F32 (61), Q8_0 (1)" or "bf16"
+    num_parameters: int
+    dtype: torch.dtype
+    device: torch.device
+    is_embedding: bool = False
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.generation.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(ids)
+
+
+def _progress(label: str, total: int, enabled: bool) -> Callable[[int], None]:
+    """A one-line progress indicator on stderr; returns a callback taking the count done."""
+    start = time.monotonic()
+    width = 30
+    last_filled = -1
+
+    def update(done: int) -> None:
+        nonlocal last_filled
+        filled = width * done // max(total, 1)
+        # Redraw only when the bar moves: a terminal write per tensor is itself slow.
+        if not enabled or (filled == last_filled and done < total):
+            return
+        last_filled = filled
+        sys.stderr.write(
+            f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {time.monotonic() - start:5.1f}s"
+        )
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return update
+
+
+def _materialise(model_class: type, config: ArchConfig, dtype: torch.dtype, device: torch.device, **kwargs):
+    # Build on meta (no memory, no random init), then allocate uninitialised storage on the device:
+    # every parameter is overwritten by load_weights, which fails loudly on any it did not fill.
+    with torch.device("meta"):
+        model = model_class(config, **kwargs)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.init_tables(device)
+    return model.eval()
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+    gguf = GGUFFile(path)
+    names = set(gguf.tensor_names)
+    config = ArchConfig.from_gguf(gguf, has_output_weight="output.weight" in names)
+    model_class = resolve_model_class(config.architecture)
+    freq_factors = None
+    if "rope_freqs.weight" in names:
+        freq_factors = next(t for n, t in gguf.iter_tensors(torch.float32, only={"rope_freqs.weight"}))
+    model = _materialise(model_class, config, dtype, device, rope_freq_factors=freq_factors)
+    permute = gguf.architecture in _PERMUTED_QK_ARCHS
+    update = _progress(f"Loading {path.name}", len(names), progress)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, (gguf_name, tensor) in enumerate(gguf.iter_tensors(dtype), 1):
+            update(i)
+            name = hf_tensor_name(gguf_name)
+            if name is None:
+                if gguf_name == "rope_freqs.weight":
+                    continue
+                raise ValueError(f"GGUF tensor {gguf_name!r} has no place in {config.architecture}")
+            if permute and name.endswith("q_proj.weight"):
+                tensor = unpermute_qk(tensor, config.num_attention_heads)
+            elif permute and name.endswith("k_proj.weight"):
+                tensor = unpermute_qk(tensor, config.num_key_value_heads)
+            yield name, tensor.to(device)
+
+    model.load_weights(weights())
+    tokenizer = Tokenizer.from_gguf(gguf.metadata)
+    types = gguf.tensor_types()
+    return LoadedModel(
+        model=model,
+        arch_config=config,
+        hf_config=None,
+        tokenizer=tokenizer,
+        chat_template=gguf.metadata.get("tokenizer.chat_template"),
+        generation=GenerationDefaults(eos_token_ids=config.eos_token_ids),
+        source=str(path),
+        source_format="gguf",
+        quantization=", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1])),
+        num_parameters=gguf.num_parameters,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors shards, in index order when an index file is present."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_safetensors(model_dir: str | Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time across all shards, converted to dtype when given."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(Path(model_dir)):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                yield name, tensor if dtype is None else tensor.to(dtype)
+
+
+def _generation_defaults(model_dir: Path, config: dict[str, Any]) -> GenerationDefaults:
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.exists() else {}
+    eos = gen.get("eos_token_id", config.get("eos_token_id"))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    sampling = {
+        key: gen[key]
+        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+        if gen.get(key) is not None
+    }
+    if gen.get("do_sample") is False:
+        sampling = {"temperature": 0.0}
+    return GenerationDefaults(eos_token_ids=eos_ids, sampling=sampling)
+
+
+def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    files = safetensors_files(model_dir)
+    tokenizer = Tokenizer.from_hf_dir(model_dir)
+    architectures = hf_config.get("architectures") or []
+    if architectures and architectures[0] in EMBEDDING_ARCHITECTURES:
+        model_class = resolve_model_class(architectures[0])
+        model = model_class(hf_config).to(dtype=dtype, device=device)
+        model.load_weights((n, t.to(device)) for n, t in iter_safetensors(model_dir, dtype))
+        return LoadedModel(
+            model=model.eval(),
+            arch_config=None,
+            hf_config=hf_config,
+            tokenizer=tokenizer,
+            chat_template=None,
+            generation=GenerationDefaults(),
+            source=str(model_dir),
+            source_format="hf",
+            quantization=str(dtype).removeprefix("torch."),
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            dtype=dtype,
+            device=device,
+            is_embedding=True,
+        )
+    config = ArchConfig.from_hf_config(hf_config)
+    model = _materialise(resolve_model_class(config.architecture), config, dtype, device)
+    num_tensors = 0
+    for file in files:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            num_tensors += len(f.keys())
+    update = _progress(f"Loading {model_dir.name}", num_tensors, progress)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, (name, tensor) in enumerate(iter_safetensors(model_dir, dtype), 1):
+            update(i)
+            yield name, tensor.to(device)
+
+    model.load_weights(weights())
+    return LoadedModel(
+        model=model,
+        arch_config=config,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        generation=_generation_defaults(model_dir, hf_config),
+        source=str(model_dir),
+        source_format="hf",
+        quantization=str(dtype).removeprefix("torch."),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        dtype=dtype,
+        device=device,
+    )
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """None -> the bundled default; otherwise a .gguf file or a Hugging Face directory."""
+    path = default_chat_model_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (Heron loads local GGUF files and Hugging Face directories)")
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        raise FileNotFoundError(f"{path} has no config.json and not exactly one .gguf file")
+    return path
+
+
+def load_model(
+    model: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    progress: bool = True,
+) -> LoadedModel:
+    path = resolve_model_path(None if model is None else str(model))
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if path.is_file():
+        return _load_gguf(path, torch_dtype, torch_device, progress)
+    return _load_hf_dir(path, torch_dtype, torch_device, progress)
