@@ -16,6 +16,7 @@ from torch import nn
 from heron.models.arch_config import ArchConfig
 from heron.models.layers.activation import gated_activation
 from heron.models.layers.attention import Attention
+from heron.models.layers.linear import Linear
 from heron.models.layers.norm import RMSNorm
 from heron.models.layers.rotary import RotaryEmbedding, apply_rotary
 from heron.worker.forward_batch import ForwardBatch
@@ -29,8 +30,8 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
 
     def project_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,8 +53,8 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ArchConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = gated_activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +128,11 @@ class LlamaForCausalLM(nn.Module):
         return [self.config.intermediate_size] * 2
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, tensor) pairs into the parameters, one tensor at a time."""
+        """Copy (HF name, tensor) pairs into the parameters, one tensor at a time.
+
+        Raises ValueError naming any unexpected, misshapen or missing weight.
+        """
+        modules = dict(self.named_modules())
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -135,38 +140,36 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
-            target, shard = name, None
+            module_name, _, kind = name.rpartition(".")
+            shard, sizes = 0, None
             for part, (fused, index) in self._fused_shards.items():
-                if f".{part}." in name:
-                    target, shard = name.replace(part, fused), index
+                if module_name.endswith("." + part):
+                    module_name = module_name[: -len(part)] + fused
+                    shard, sizes = index, self._shard_sizes(fused)
                     break
-            if target not in params:
-                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            param = params[target]
+            module = modules.get(module_name)
             with torch.no_grad():
-                if shard is None:
-                    if param.shape != tensor.shape:
-                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                    param.copy_(tensor)
-                    loaded.add(target)
+                if isinstance(module, Linear):
+                    sizes = sizes or [module.out_features]
+                    if tensor.shape[0] != sizes[shard]:
+                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {sizes[shard]} rows")
+                    module.load_shard(kind, tensor, sum(sizes[:shard]))
+                    loaded.add(f"{module_name}.{kind}#{shard}")
+                elif name in params:
+                    if params[name].shape != tensor.shape:
+                        raise ValueError(
+                            f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(params[name].shape)}"
+                        )
+                    params[name].copy_(tensor)
+                    loaded.add(f"{name}#0")
                 else:
-                    sizes = self._shard_sizes(target.split(".")[-2])
-                    offset = sum(sizes[:shard])
-                    part = param.narrow(0, offset, sizes[shard])
-                    if part.shape != tensor.shape:
-                        raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {tuple(part.shape)}")
-                    part.copy_(tensor)
-                    loaded.add(f"{target}#{shard}")
+                    raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
         expected = set()
         for pname in params:
-            fused = pname.split(".")[-2] if pname.endswith((".weight", ".bias")) else ""
-            if fused in ("qkv_proj", "gate_up_proj"):
-                count = 3 if fused == "qkv_proj" else 2
-                expected.update(f"{pname}#{i}" for i in range(count))
-            else:
-                expected.add(pname)
-        if self.config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
+            module_name, _, kind = pname.rpartition(".")
+            fused = module_name.rpartition(".")[2]
+            count = len(self._shard_sizes(fused)) if fused in ("qkv_proj", "gate_up_proj") else 1
+            expected.update(f"{pname}#{i}" for i in range(count))
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"missing weights for {self.config.architecture}: {missing[:8]}")
