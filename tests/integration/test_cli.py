@@ -1,0 +1,55 @@
+"""The `heron` command as a user runs it: inspect and generate on the bundled models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def heron(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "heron.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
+
+
+def test_inspect_bundled_gguf_reports_what_a_user_needs():
+    result = heron("inspect", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["format"] == "gguf"
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert info["parameters"] == 134_515_008
+    assert info["context_length"] == 8192
+    assert info["vocab_size"] == 49152
+    assert info["quantization"].startswith("Q4_1 x210")
+    assert info["special_tokens"]["eos_token"] == "<|im_end|>"
+    assert info["chat_template_source"].startswith("GGUF metadata")
+    assert info["weight_memory"].endswith(("MiB", "GiB"))
+
+
+def test_inspect_hf_directory(minilm_dir):
+    result = heron("inspect", str(minilm_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["format"] == "hf"
+    assert info["architecture"] == "BertModel"
+    assert info["vocab_size"] == 30522
+    assert info["parameters"] == 22_713_216  # weights only, not the position-id buffer
+
+
+def test_inspect_missing_model_is_a_clean_error(tmp_path):
+    result = heron("inspect", str(tmp_path / "nope.gguf"))
+    assert result.returncode == 2
+    assert "model not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_answers_the_capital_of_france_with_progress():
+    result = heron("generate", "-p", "What is the capital of France?", "--max-tokens", "32", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "Paris" in answer["text"]
+    # Loading shows a progress bar on stderr.
+    assert "Loading SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr
+    assert "272/272" in result.stderr
