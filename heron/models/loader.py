@@ -207,39 +207,29 @@ def _generation_defaults(model_dir: Path, config: dict[str, Any]) -> GenerationD
     return GenerationDefaults(eos_token_ids=eos_ids, sampling=sampling)
 
 
+def _num_safetensors(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    count = 0
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            count += len(f.keys())
+    return count
+
+
 def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
     hf_config = json.loads((model_dir / "config.json").read_text())
-    files = safetensors_files(model_dir)
     tokenizer = Tokenizer.from_hf_dir(model_dir)
     architectures = hf_config.get("architectures") or []
-    if architectures and architectures[0] in EMBEDDING_ARCHITECTURES:
-        model_class = resolve_model_class(architectures[0])
-        model = model_class(hf_config).to(dtype=dtype, device=device)
-        model.load_weights((n, t.to(device)) for n, t in iter_safetensors(model_dir, dtype))
-        return LoadedModel(
-            model=model.eval(),
-            arch_config=None,
-            hf_config=hf_config,
-            tokenizer=tokenizer,
-            chat_template=None,
-            generation=GenerationDefaults(),
-            source=str(model_dir),
-            source_format="hf",
-            quantization=str(dtype).removeprefix("torch."),
-            num_parameters=sum(p.numel() for p in model.parameters()),
-            dtype=dtype,
-            device=device,
-            is_embedding=True,
-        )
-    config = ArchConfig.from_hf_config(hf_config)
-    model = _materialise(resolve_model_class(config.architecture), config, dtype, device)
-    num_tensors = 0
-    for file in files:
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            num_tensors += len(f.keys())
-    update = _progress(f"Loading {model_dir.name}", num_tensors, progress)
+    is_embedding = bool(architectures) and architectures[0] in EMBEDDING_ARCHITECTURES
+    if is_embedding:
+        # Encoders keep their HF config dict; they are small enough to build directly.
+        config = None
+        model = resolve_model_class(architectures[0])(hf_config).to(dtype=dtype, device=device)
+    else:
+        config = ArchConfig.from_hf_config(hf_config)
+        model = _materialise(resolve_model_class(config.architecture), config, dtype, device)
+    update = _progress(f"Loading {model_dir.name}", _num_safetensors(model_dir), progress)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         for i, (name, tensor) in enumerate(iter_safetensors(model_dir, dtype), 1):
@@ -248,18 +238,19 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, prog
 
     model.load_weights(weights())
     return LoadedModel(
-        model=model,
+        model=model.eval(),
         arch_config=config,
         hf_config=hf_config,
         tokenizer=tokenizer,
-        chat_template=tokenizer.chat_template,
-        generation=_generation_defaults(model_dir, hf_config),
+        chat_template=None if is_embedding else tokenizer.chat_template,
+        generation=GenerationDefaults() if is_embedding else _generation_defaults(model_dir, hf_config),
         source=str(model_dir),
         source_format="hf",
         quantization=str(dtype).removeprefix("torch."),
         num_parameters=sum(p.numel() for p in model.parameters()),
         dtype=dtype,
         device=device,
+        is_embedding=is_embedding,
     )
 
 
