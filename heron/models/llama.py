@@ -170,6 +170,16 @@ class LlamaForCausalLM(nn.Module):
             fused = module_name.rpartition(".")[2]
             count = len(self._shard_sizes(fused)) if fused in ("qkv_proj", "gate_up_proj") else 1
             expected.update(f"{pname}#{i}" for i in range(count))
-        missing = sorted(expected - loaded)
+        missing = sorted(self._checkpoint_name(key) for key in expected - loaded)
         if missing:
             raise ValueError(f"missing weights for {self.config.architecture}: {missing[:8]}")
+
+    def _checkpoint_name(self, key: str) -> str:
+        """'...qkv_proj.weight#1' -> '...k_proj.weight': name a missing shard as the checkpoint does."""
+        pname, _, index = key.partition("#")
+        module_name, _, kind = pname.rpartition(".")
+        prefix, _, fused = module_name.rpartition(".")
+        for part, (fused_name, shard) in self._fused_shards.items():
+            if fused == fused_name and int(index) == shard:
+                return f"{prefix}.{part}.{kind}"
+        return pname
