@@ -179,6 +179,9 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        # Where each request's chunk starts, before update() advances it: a request recomputed after
+        # preemption gets prompt logprobs again for positions it already reported.
+        chunk_starts = {s.request.request_id: s.request.num_computed_tokens for s in out.scheduled}
         result = self.runner.execute(out)
         updates = self.scheduler.update(out, result)
 
@@ -187,7 +190,12 @@ class EngineCore:
             group_id, index = self._child_to_group[request.request_id]
             group = self._groups[group_id]
             if request.request_id in result.prompt_logprobs and group.prompt_logprobs is not None and index == 0:
-                group.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
+                chunk = result.prompt_logprobs[request.request_id]
+                # The chunk covers positions from 0 (its None) when it starts the prompt, else from
+                # the token after its first one (the previous chunk's last row predicted that one).
+                start = chunk_starts[request.request_id]
+                first_position = 0 if start == 0 else start + 1
+                group.prompt_logprobs.extend(chunk[max(len(group.prompt_logprobs) - first_position, 0) :])
             if token_id is None:
                 continue
             sample = group.samples[index]

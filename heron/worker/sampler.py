@@ -89,7 +89,7 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass before it already does.
     mass_before = probs.cumsum(dim=-1) - probs
     remove |= mass_before >= top_p.unsqueeze(1)
-    remove |= probs < (min_p * probs[:, :1]).expand_as(probs)
+    remove |= probs < min_p.unsqueeze(1) * probs[:, :1]  # [B, 1] thresholds, one per row
     remove[:, 0] = False  # the most likely token always survives
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     logits[idx] = torch.empty_like(sub).scatter_(1, order, sorted_logits)
