@@ -1,0 +1,1 @@
+"""Heron's HTTP layer: the OpenAI-compatible server (protocol models, routes, streaming)."""
