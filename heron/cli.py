@@ -1,4 +1,4 @@
-"""The `heron` command: generate, chat, inspect (and serve, once the HTTP layer is in).
+"""The `heron` command: serve, generate, chat, inspect.
 
 Each subcommand parses its own flags (vLLM's names where vLLM has the same option) and imports the
 heavy modules only when it runs, so `heron --help` stays instant.
@@ -198,9 +198,67 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    import uvicorn
+
+    from heron.server.app import create_app
+    from heron.server.registry import ModelRegistry, load_generation_model
+    from heron.server.settings import settings_from_args
+
+    settings = settings_from_args(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    log = logging.getLogger("heron.server")
+    # Load before binding the port, so a client that can connect finds the model ready.
+    model = load_generation_model(settings, progress=sys.stderr.isatty())
+    runtime = model.engine.core.runtime
+    log.info(
+        "model %s (%s, %s) on %s, dtype %s; KV cache %s in %d blocks of %d tokens; context %d tokens",
+        model.name,
+        model.loaded.source,
+        model.loaded.quantization,
+        model.loaded.device,
+        str(model.loaded.dtype).removeprefix("torch."),
+        _format_bytes(runtime.kv_cache_bytes),
+        runtime.num_kv_blocks,
+        runtime.block_size,
+        model.max_model_len,
+    )
+    registry = ModelRegistry()
+    registry.add(model)
+    app = create_app(settings, registry)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    log.info("serving %s at http://%s:%d/v1 (docs at /docs)", ", ".join(model.names), settings.host, settings.port)
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        asyncio.run(registry.shutdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from heron.server.settings import build_parser as add_serve_args
+
     parser = argparse.ArgumentParser(prog="heron", description="Heron: a small, fast LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the bundled model)")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="generate completions offline for prompts (arguments or stdin lines)")
     _add_model_args(p)

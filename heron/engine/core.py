@@ -47,6 +47,7 @@ class _Group:
     params: SamplingParams
     samples: list[_Sample]
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs_sent: bool = False
     finished_indices: set[int] = field(default_factory=set)
 
 
@@ -218,13 +219,20 @@ class EngineCore:
             else:
                 completions = [deltas[i] for i in sorted(deltas)]
             first = group.samples[0].request
+            # Prompt logprobs go out once complete (a streamed `echo` needs them before the output
+            # text), and again on the final output, which carries everything.
+            prompt_logprobs = None
+            if group.prompt_logprobs is not None and len(group.prompt_logprobs) >= len(group.prompt_token_ids):
+                if finished or not group.prompt_logprobs_sent:
+                    prompt_logprobs = group.prompt_logprobs
+                    group.prompt_logprobs_sent = True
             outputs.append(
                 RequestOutput(
                     request_id=group_id,
                     prompt_token_ids=group.prompt_token_ids,
                     outputs=completions,
                     finished=finished,
-                    prompt_logprobs=group.prompt_logprobs if finished else None,
+                    prompt_logprobs=prompt_logprobs,
                     num_cached_tokens=max(first.num_cached_tokens, 0),
                 )
             )

@@ -136,7 +136,9 @@ class Scheduler:
                 request.append_output_token(token_id)
                 reason = self._check_stop(request, token_id)
                 if reason is not None:
-                    request.stop_reason = token_id if reason == FinishReason.STOP else None
+                    # As in vLLM: the id of a stop token the caller asked for; None for EOS and length.
+                    stopped_by_caller = token_id in request.sampling_params.stop_token_ids
+                    request.stop_reason = token_id if reason == FinishReason.STOP and stopped_by_caller else None
                     self.finish_request(request, reason)
             updates.append((request, token_id))
         return updates

@@ -98,7 +98,8 @@ def test_finish_reasons_eos_stop_token_and_length():
     result = fake_run(out)
     result.sampled_token_ids.update({"eos": EOS, "stop": 9, "ign": EOS})
     scheduler.update(out, result)
-    assert by_eos.finish_reason == FinishReason.STOP and by_eos.stop_reason == EOS
+    # EOS is the model ending its answer, not a caller-given stop: no stop_reason, as in vLLM.
+    assert by_eos.finish_reason == FinishReason.STOP and by_eos.stop_reason is None
     assert by_stop.finish_reason == FinishReason.STOP and by_stop.stop_reason == 9
     assert not ignoring.is_finished
     run_to_end(scheduler)

@@ -1,0 +1,640 @@
+"""The ASGI application: routes, request parsing, auth, admission, streaming and error envelopes.
+
+`create_app(settings, registry)` builds the FastAPI app. With no registry, the app loads the model
+the settings (or `HERON_*` variables) name when it starts, which is how `heron.server.app:app` runs
+under a user's own `uvicorn`/`gunicorn`. Bodies are parsed here rather than by FastAPI so that every
+mistake gets OpenAI's 400 envelope (FastAPI would answer 422 in its own shape); each route then hands
+the validated request to `serving_chat` / `serving_completions`.
+
+Per request: `X-Request-Id` (the caller's or a new one) is echoed and logged; a body over the limit
+gets 413 before it is read; with API keys configured, `/v1/*`, `/tokenize` and `/detokenize` need a
+bearer key; beyond `max_num_seqs + max_queue_len` requests in flight, new ones get 429; a client that
+goes away (streaming or not) aborts its engine request, which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from heron import __version__
+from heron.server.errors import APIError, bad_request, unknown_fields_error, validation_error
+from heron.server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    tokenize_request_adapter,
+)
+from heron.server.registry import ModelRegistry, ServedModel, load_generation_model
+from heron.server.serving_chat import chat_response, chat_stream, prepare_chat, render_chat_prompt
+from heron.server.serving_common import SSE_HEADERS, merge_streams, request_error_from
+from heron.server.serving_completions import completion_response, completion_stream, prepare_completion
+from heron.server.settings import ServerSettings
+
+logger = logging.getLogger("heron.server")
+
+IGNORED_FIELDS_HEADER = "X-Heron-Ignored-Fields"
+REQUEST_ID_HEADER = "X-Request-Id"
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+# ---------------------------------------------------------------------------------------------
+# ASGI middleware: request id and body limit (pure ASGI, so streaming responses pass untouched)
+# ---------------------------------------------------------------------------------------------
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS handling, with a refused preflight answered in OpenAI's error envelope."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        reason = response.body.decode(errors="replace") or "CORS preflight refused"
+        error = APIError(response.status_code, f"{reason}.", code="cors_refused")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return JSONResponse(error.body(), status_code=response.status_code, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: Callable, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1").strip()
+        request_id = given[:128] if given else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        id_header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode("latin-1"))
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), id_header]
+            await send(message)
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await self._too_large(send_with_id)
+            return
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            await self._too_large(send_with_id)
+
+    async def _too_large(self, send: Callable) -> None:
+        error = APIError(
+            413,
+            f"The request body is larger than this server accepts ({self.max_body_bytes} bytes).",
+            code="request_too_large",
+        )
+        body = json.dumps(error.body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers used by the routes
+# ---------------------------------------------------------------------------------------------
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _authorize(request: Request, keys: list[str]) -> None:
+    if not keys or not request.url.path.startswith(_PROTECTED_PREFIXES):
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise APIError(
+            401,
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            code="missing_api_key",
+        )
+    # Compare against every key in constant time so timing does not reveal a prefix.
+    if not any(secrets.compare_digest(token.encode(), key.encode()) for key in keys):
+        shown = token[:3] + "*" * 4 + token[-4:] if len(token) > 8 else "*" * len(token)
+        raise APIError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
+
+
+async def _read_json(request: Request) -> Any:
+    content_type = request.headers.get("content-type")
+    if content_type is not None:
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            raise APIError(
+                415,
+                f"Unsupported content type '{media}': send the request body as JSON with "
+                "'Content-Type: application/json'.",
+                code="unsupported_media_type",
+            )
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(
+            400,
+            "We could not parse the JSON body of your request. The server expects a JSON payload, but what was "
+            f"sent was not valid JSON ({exc}).",
+            code="invalid_json",
+        ) from exc
+
+
+def _validate(body: Any, model_class: type[BaseModel] | Any, strict_fields: bool) -> tuple[Any, list[str]]:
+    if not isinstance(body, dict):
+        raise APIError(
+            400,
+            f"The request body must be a JSON object, not {type(body).__name__ if body is not None else 'null'}.",
+            code="invalid_type",
+        )
+    try:
+        parsed = model_class.model_validate(body) if isinstance(model_class, type) else model_class.validate_python(body)
+    except ValidationError as exc:
+        raise validation_error(exc, body) from exc
+    unknown = parsed.unknown_fields()
+    if unknown and strict_fields:
+        raise unknown_fields_error(unknown)
+    return parsed, unknown
+
+
+class _Admission:
+    """Counts requests in flight; past the bound, new ones are told to come back later."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.inflight = 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        if self.inflight >= self.limit:
+            raise APIError(
+                429,
+                f"The server is at capacity ({self.inflight} requests in flight); retry shortly.",
+                code="server_overloaded",
+                headers={"Retry-After": "1"},
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+
+async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client disconnects first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise APIError(499, "The client closed the request.", code="client_closed_request")
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+
+
+async def _with_keepalive(frames: AsyncIterator[bytes], interval: float) -> AsyncIterator[bytes]:
+    """Forward SSE frames, adding a comment line whenever none came for `interval` seconds."""
+    if interval <= 0:
+        try:
+            async for frame in frames:
+                yield frame
+        finally:
+            await frames.aclose()
+        return
+    iterator = frames.__aiter__()
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield b": keep-alive\n\n"
+                continue
+            try:
+                frame = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield frame
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        await iterator.aclose()
+
+
+def _headers(unknown: list[str]) -> dict[str, str]:
+    return {IGNORED_FIELDS_HEADER: ", ".join(unknown)} if unknown else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAPI: request bodies are parsed by hand, so describe them to /docs explicitly
+# ---------------------------------------------------------------------------------------------
+
+
+def _install_openapi(app: FastAPI, bodies: dict[str, tuple[Any, Any]]) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+
+        def ref(model: Any, mode: str) -> dict[str, Any]:
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+                name = model.__name__
+            else:  # a TypeAdapter
+                js = model.json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+                name = "TokenizeRequest"
+            components.update(js.pop("$defs", {}))
+            components[name] = js
+            return {"$ref": f"#/components/schemas/{name}"}
+
+        for path, (request_model, response_model) in bodies.items():
+            operation = schema["paths"][path]["post"]
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref(request_model, "validation")}},
+            }
+            if response_model is not None:
+                operation["responses"]["200"] = {
+                    "description": "Successful Response",
+                    "content": {"application/json": {"schema": ref(response_model, "serialization")}},
+                }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------
+
+
+def create_app(settings: ServerSettings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    settings = settings or ServerSettings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        nonlocal registry
+        owned = registry is None
+        if owned:
+            registry = ModelRegistry()
+            registry.add(await asyncio.to_thread(load_generation_model, settings, False))
+        app.state.registry = registry
+        try:
+            yield
+        finally:
+            if owned:
+                await registry.shutdown()
+
+    app = FastAPI(
+        title="Heron",
+        version=__version__,
+        description="OpenAI-compatible API served by Heron's own engine.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    admission = _Admission(settings.max_num_seqs + settings.max_queue_len)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        elif exc.status_code == 405:
+            message = f"Method {request.method} is not allowed for {request.url.path}."
+        else:
+            message = str(exc.detail)
+        error = APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(bad_request(str(exc)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error_response(APIError(500, f"Internal server error ({type(exc).__name__}).", code="internal_error"))
+
+    def models() -> ModelRegistry:
+        return app.state.registry
+
+    def log_request(request: Request, model: str, status: int, started: float, **fields: Any) -> None:
+        if settings.disable_log_requests:
+            return
+        extra = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        client = request.client.host if request.client else "-"
+        logger.info(
+            "request id=%s model=%s status=%d time=%.3fs client=%s %s",
+            request.state.request_id,
+            model,
+            status,
+            time.monotonic() - started,
+            client,
+            extra,
+        )
+
+    async def parse(request: Request, model_class: Any) -> tuple[Any, list[str]]:
+        _authorize(request, settings.api_key)
+        body = await _read_json(request)
+        parsed, unknown = _validate(body, model_class, settings.strict_fields)
+        if unknown:
+            logger.info("request id=%s ignored unknown fields: %s", request.state.request_id, ", ".join(unknown))
+        return parsed, unknown
+
+    def generation_model(name: str) -> ServedModel:
+        model = models().get(name)
+        if model.kind != "generate":
+            raise bad_request(f"The model `{name}` does not generate text.", param="model", code="wrong_model_type")
+        return model
+
+    # ------------------------------------------------------------------- generation routes
+
+    @app.post("/v1/chat/completions", tags=["OpenAI"])
+    async def create_chat_completion(request: Request) -> Response:
+        started = time.monotonic()
+        parsed, unknown = await parse(request, ChatCompletionRequest)
+        model = generation_model(parsed.model)
+        prepared = prepare_chat(parsed, model, settings.seed)
+        headers = _headers(unknown)
+        with admission.slot():
+            outputs = model.engine.generate(prepared.prompt_token_ids, prepared.params, prepared.response_id)
+            if parsed.stream:
+                return _stream(
+                    request, _with_keepalive(chat_stream(prepared, outputs), settings.sse_keepalive), headers, admission,
+                    lambda: log_request(request, parsed.model, 200, started, stream=True),
+                )
+            try:
+                response = await _until_disconnect(request, chat_response(prepared, outputs))
+            except Exception as exc:
+                raise request_error_from(exc) from exc
+            finally:
+                await outputs.aclose()
+        log_request(
+            request, parsed.model, 200, started,
+            prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+            finish=",".join(c.finish_reason for c in response.choices),
+        )
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    @app.post("/v1/completions", tags=["OpenAI"])
+    async def create_completion(request: Request) -> Response:
+        started = time.monotonic()
+        parsed, unknown = await parse(request, CompletionRequest)
+        model = generation_model(parsed.model)
+        prepared = prepare_completion(parsed, model, settings.seed)
+        headers = _headers(unknown)
+        with admission.slot():
+            streams = [
+                model.engine.generate(prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}")
+                for i, prompt in enumerate(prepared.prompts)
+            ]
+            merged = merge_streams(streams)
+            if parsed.stream:
+                return _stream(
+                    request, _with_keepalive(completion_stream(prepared, merged), settings.sse_keepalive), headers,
+                    admission, lambda: log_request(request, parsed.model, 200, started, stream=True),
+                )
+            try:
+                response = await _until_disconnect(request, completion_response(prepared, merged))
+            except Exception as exc:
+                raise request_error_from(exc) from exc
+            finally:
+                await merged.aclose()
+        log_request(
+            request, parsed.model, 200, started,
+            prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+        )
+        return JSONResponse(response.model_dump(), headers=headers)
+
+    def _stream(
+        request: Request,
+        frames: AsyncIterator[bytes],
+        headers: dict[str, str],
+        admission: _Admission,
+        on_done: Callable[[], None],
+    ) -> StreamingResponse:
+        # The admission slot is held by the route only until it returns; a stream takes its own
+        # for as long as it runs.
+        admission.inflight += 1
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for frame in frames:
+                    yield frame
+            finally:
+                admission.inflight -= 1
+                await frames.aclose()
+                on_done()
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+    # ------------------------------------------------------------------- models, tokenizer
+
+    @app.get("/v1/models", tags=["OpenAI"])
+    async def list_models(request: Request) -> JSONResponse:
+        _authorize(request, settings.api_key)
+        cards = [_card(m, name) for m in models().models for name in m.names]
+        return JSONResponse(ModelList(data=cards).model_dump())
+
+    @app.get("/v1/models/{model_id:path}", tags=["OpenAI"])
+    async def retrieve_model(model_id: str, request: Request) -> JSONResponse:
+        _authorize(request, settings.api_key)
+        model = models().get(model_id)
+        return JSONResponse(_card(model, model_id).model_dump())
+
+    @app.post("/tokenize", tags=["Heron"])
+    async def tokenize(request: Request) -> JSONResponse:
+        parsed, unknown = await parse(request, tokenize_request_adapter)
+        model = generation_model(parsed.model) if parsed.model is not None else models().get(None)
+        if isinstance(parsed, TokenizeChatRequest):
+            if parsed.tools:
+                raise bad_request("Tool calling is not supported by this server yet.", param="tools")
+            prompt = render_chat_prompt(
+                model,
+                parsed.messages,
+                add_generation_prompt=parsed.add_generation_prompt and not parsed.continue_final_message,
+                continue_final_message=parsed.continue_final_message,
+                chat_template_kwargs=parsed.chat_template_kwargs,
+            )
+        else:
+            prompt = parsed.prompt
+        tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+        response = TokenizeResponse(
+            count=len(tokens),
+            max_model_len=model.max_model_len,
+            tokens=tokens,
+            token_strs=model.tokenizer.convert_ids_to_tokens(tokens) if parsed.return_token_strs else None,
+        ) if isinstance(parsed, TokenizeCompletionRequest) else TokenizeResponse(
+            count=len(tokens), max_model_len=model.max_model_len, tokens=tokens
+        )
+        return JSONResponse(response.model_dump(), headers=_headers(unknown))
+
+    @app.post("/detokenize", tags=["Heron"])
+    async def detokenize(request: Request) -> JSONResponse:
+        parsed, unknown = await parse(request, DetokenizeRequest)
+        model = generation_model(parsed.model) if parsed.model is not None else models().get(None)
+        for i, token_id in enumerate(parsed.tokens):
+            if token_id >= model.vocab_size:
+                raise bad_request(
+                    f"Invalid token id {token_id}: token ids must be below the vocabulary size {model.vocab_size}.",
+                    param=f"tokens[{i}]",
+                )
+        text = model.tokenizer.decode(parsed.tokens, skip_special_tokens=False)
+        return JSONResponse(DetokenizeResponse(prompt=text).model_dump(), headers=_headers(unknown))
+
+    # ------------------------------------------------------------------- service routes
+
+    @app.get("/health", tags=["Heron"])
+    async def health() -> JSONResponse:
+        registry = models()
+        if registry is None:
+            return _error_response(APIError(503, "The model is still loading.", code="loading"))
+        dead = [m.name for m in registry.models if m.engine.dead_error is not None or not m.engine.is_running]
+        if dead:
+            return _error_response(APIError(503, f"The engine for {', '.join(dead)} has stopped.", code="engine_dead"))
+        stats = [m.engine.stats for m in registry.models]
+        return JSONResponse(
+            {
+                "status": "ok",
+                "running": sum(s.num_running for s in stats),
+                "waiting": sum(s.num_waiting for s in stats),
+                "requests": sum(s.num_requests for s in stats),
+                "kv_cache_usage": max((s.kv_cache_usage for s in stats), default=0.0),
+            }
+        )
+
+    @app.get("/version", tags=["Heron"])
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    @app.get("/", tags=["Heron"])
+    async def root() -> dict[str, Any]:
+        return {
+            "name": "heron",
+            "version": __version__,
+            "endpoints": [
+                "POST /v1/chat/completions",
+                "POST /v1/completions",
+                "GET /v1/models",
+                "GET /v1/models/{model}",
+                "POST /tokenize",
+                "POST /detokenize",
+                "GET /health",
+                "GET /version",
+                "GET /docs",
+                "GET /openapi.json",
+            ],
+        }
+
+    _install_openapi(
+        app,
+        {
+            "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
+            "/v1/completions": (CompletionRequest, CompletionResponse),
+            "/tokenize": (tokenize_request_adapter, TokenizeResponse),
+            "/detokenize": (DetokenizeRequest, DetokenizeResponse),
+        },
+    )
+    # Stream chunk shapes are documented beside the responses for client generators.
+    _ = (ChatCompletionChunk, CompletionChunk)
+
+    if settings.allowed_origins:
+        app.add_middleware(
+            _CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=[REQUEST_ID_HEADER, IGNORED_FIELDS_HEADER],
+        )
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    return app
+
+
+def _card(model: ServedModel, name: str) -> ModelCard:
+    return ModelCard(id=name, root=model.loaded.source, max_model_len=model.max_model_len)
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn heron.server.app:app`: build the app from HERON_* variables on first access, so
+    # importing this module stays cheap.
+    if name == "app":
+        app = create_app(ServerSettings.from_env())
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)

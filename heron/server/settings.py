@@ -1,0 +1,194 @@
+"""ServerSettings: every `heron serve` option, from command-line flags or `HERON_*` environment variables.
+
+One table (`OPTIONS`) defines each option once: its flag (vLLM's name where vLLM has the option, so
+launch scripts carry over), its environment variable, type, default and help. `parse_args()` builds
+the argparse parser from it, with environment values as defaults, so a flag beats the environment
+and the environment beats the built-in default. `from_env()` is what the importable ASGI app uses
+under a user's own `uvicorn`/`gunicorn` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'512MiB' -> 536870912, '2G' -> 2000000000, '1048576' -> 1048576."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError(f"not a size: {text!r} (examples: 1073741824, 512MiB, 2GB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").upper()
+    binary = "I" in unit
+    letter = unit.replace("I", "").replace("B", "")
+    scale = (1024 ** "KMGT".index(letter) * 1024 if letter else 1) if binary else _SIZE_UNITS[letter or ""]
+    return int(number * scale)
+
+
+def _bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+def _list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+@dataclass
+class ServerSettings:
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: list[str] = field(default_factory=list)
+    served_model_name: list[str] = field(default_factory=list)
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    enable_prefix_caching: bool = True
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_memory: int | None = None  # bytes
+    seed: int | None = None
+    chat_template: str | None = None
+    allowed_origins: list[str] = field(default_factory=list)
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    max_queue_len: int = 256
+    sse_keepalive: float = 0.0  # seconds; 0 = off
+    strict_fields: bool = False
+    disable_log_requests: bool = False
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServerSettings:
+        return parse_args([], environ)
+
+
+# name, flags, env, parser, help. `parser` turns a string (flag or env) into the value.
+_OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
+    ("host", ("--host",), "HERON_HOST", str, "address to bind (default 127.0.0.1)"),
+    ("port", ("--port",), "HERON_PORT", int, "port to bind (default 8000)"),
+    ("api_key", ("--api-key",), "HERON_API_KEY", None, "require this bearer key; repeat for several (env: comma-separated)"),
+    (
+        "served_model_name",
+        ("--served-model-name",),
+        "HERON_SERVED_MODEL_NAME",
+        None,
+        "name(s) clients may use for the model; responses echo the name a request used (env: comma-separated)",
+    ),
+    ("max_model_len", ("--max-model-len",), "HERON_MAX_MODEL_LEN", int, "context length cap (prompt + output tokens)"),
+    ("max_num_seqs", ("--max-num-seqs",), "HERON_MAX_NUM_SEQS", int, "most sequences decoded together (default 64)"),
+    (
+        "max_num_batched_tokens",
+        ("--max-num-batched-tokens",),
+        "HERON_MAX_NUM_BATCHED_TOKENS",
+        int,
+        "token budget of one engine step (prefill chunks + decodes, default 512)",
+    ),
+    ("dtype", ("--dtype",), "HERON_DTYPE", str, "auto | float32 | bfloat16 | float16"),
+    ("device", ("--device",), "HERON_DEVICE", str, "auto | cpu | cuda | cuda:N"),
+    (
+        "kv_cache_memory",
+        ("--kv-cache-memory",),
+        "HERON_KV_CACHE_MEMORY",
+        parse_size,
+        "KV cache budget in bytes, e.g. 512MiB (default: 1 GiB on CPU, half the free memory on CUDA)",
+    ),
+    ("seed", ("--seed",), "HERON_SEED", int, "default seed for requests that give none"),
+    ("chat_template", ("--chat-template",), "HERON_CHAT_TEMPLATE", str, "Jinja chat template file overriding the model's"),
+    (
+        "allowed_origins",
+        ("--allowed-origins",),
+        "HERON_ALLOWED_ORIGINS",
+        None,
+        "CORS origins allowed to call the API ('*' for any); none by default (env: comma-separated)",
+    ),
+    (
+        "max_request_body_bytes",
+        ("--max-request-body-bytes",),
+        "HERON_MAX_REQUEST_BODY_BYTES",
+        parse_size,
+        "largest request body accepted (default 16MiB); larger gets 413",
+    ),
+    (
+        "max_queue_len",
+        ("--max-queue-len",),
+        "HERON_MAX_QUEUE_LEN",
+        int,
+        "requests allowed to wait beyond --max-num-seqs before new ones get 429 (default 256)",
+    ),
+    (
+        "sse_keepalive",
+        ("--sse-keepalive",),
+        "HERON_SSE_KEEPALIVE",
+        float,
+        "send an SSE comment every N seconds while a stream waits for its first token (default 0 = off)",
+    ),
+    ("log_level", ("--log-level",), "HERON_LOG_LEVEL", str, "debug | info | warning | error"),
+]
+_FLAGS: list[tuple[str, str, str, str]] = [
+    ("enable_prefix_caching", "--enable-prefix-caching", "HERON_ENABLE_PREFIX_CACHING", "reuse KV blocks of shared prompt prefixes (default on)"),
+    ("strict_fields", "--strict-fields", "HERON_STRICT_FIELDS", "reject unknown request fields with 400 instead of ignoring them"),
+    ("disable_log_requests", "--disable-log-requests", "HERON_DISABLE_LOG_REQUESTS", "no log line per request"),
+]
+
+
+def build_parser(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """Add the serve options to `parser`, with defaults taken from the environment."""
+    env = os.environ if environ is None else environ
+    defaults = ServerSettings()
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=env.get("HERON_MODEL"),
+        help="GGUF file or Hugging Face directory (env HERON_MODEL; default: bundled SmolLM2-135M-Instruct)",
+    )
+    for name, flags, env_name, convert, help_text in _OPTIONS:
+        default = getattr(defaults, name)
+        if env_name in env:
+            raw = env[env_name]
+            default = _list(raw) if convert is None else convert(raw)
+        if convert is None:  # list option: repeat the flag; served names also take several values, as in vLLM
+            nargs = "+" if name == "served_model_name" else None
+            parser.add_argument(
+                *flags, dest=name, nargs=nargs, action="extend" if nargs else "append", default=None,
+                help=f"{help_text} [{env_name}]",
+            )
+            parser.set_defaults(**{f"_{name}_default": default})
+        else:
+            parser.add_argument(*flags, dest=name, type=convert, default=default, help=f"{help_text} [{env_name}]")
+    for name, flag, env_name, help_text in _FLAGS:
+        default = getattr(defaults, name)
+        if env_name in env:
+            default = _bool(env[env_name])
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=f"{help_text} [{env_name}]")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    values = {}
+    for f in fields(ServerSettings):
+        if not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if value is None and hasattr(args, f"_{f.name}_default"):
+            value = getattr(args, f"_{f.name}_default")
+        values[f.name] = value
+    settings = ServerSettings(**values)
+    if settings.kv_cache_memory is not None and settings.kv_cache_memory <= 0:
+        raise ValueError("--kv-cache-memory must be positive")
+    return settings
+
+
+def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> ServerSettings:
+    parser = build_parser(argparse.ArgumentParser(prog="heron serve"), environ)
+    return settings_from_args(parser.parse_args(argv))

@@ -1,0 +1,464 @@
+"""Helpers for the black-box server tests: schema-checking HTTP clients, SSE parsing, error checks.
+
+Every HTTP client the tests use (raw httpx and the `openai` SDK's) goes through a checking transport,
+which validates each response body, and each SSE data frame as it streams past, against the
+matching component schema of OpenAI's spec (tests/unit/openapi_schema.py, shared with
+tests/unit/test_protocol.py). Violations are recorded in a `ResponseChecker`; an autouse fixture in
+conftest.py fails the test that received them. So "every body and every chunk is validated" holds
+by construction, not by each test remembering to call `assert_matches`.
+
+Two deliberate departures from the literal spec, both for /v1/completions (see the comments in
+heron/server/protocol/completions.py and test_protocol.py, which pin the same reading):
+- Stream chunks are checked against CreateCompletionResponse with `finish_reason` and `usage`
+  widened to allow null. OpenAI reuses the non-streaming schema for stream events, yet every
+  streamed choice carries `finish_reason: null` until it ends, and stream_options.include_usage
+  documents `usage: null` on all chunks but the last. Non-streaming responses get no such leeway.
+- `logprobs.token_logprobs` / `logprobs.top_logprobs` items may be null: with `echo`, the first
+  prompt token has no log-probability, and OpenAI (and vLLM) send null there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+
+# openapi_schema lives beside the protocol unit tests; import it from there (prepend import mode
+# puts tests/unit on sys.path too when the whole suite runs, so this is the same module object).
+_UNIT_TESTS = Path(__file__).resolve().parents[1] / "unit"
+if str(_UNIT_TESTS) not in sys.path:
+    sys.path.insert(0, str(_UNIT_TESTS))
+
+import openapi_schema  # noqa: E402
+from openapi_schema import assert_matches, component, schema_errors  # noqa: E402,F401
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+CHAT_PATH = "/v1/chat/completions"
+COMPLETIONS_PATH = "/v1/completions"
+
+
+# =============================================================================================
+# The servers under test (started by conftest.py)
+# =============================================================================================
+
+ALLOWED_ORIGIN = "http://allowed.example"
+STRICT_KEYS = ("key-a", "key-b")
+STRICT_MODEL_NAMES = ("heron-strict", "heron-alias")
+STRICT_MAX_BODY_BYTES = 4096
+STRICT_MAX_MODEL_LEN = 256
+DEFAULT_MAX_MODEL_LEN = 1024
+SSE_KEEPALIVE_S = 0.3
+
+
+@dataclass
+class Server:
+    """One running `heron serve` process."""
+
+    name: str
+    base_url: str
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+    model: str = DEFAULT_MODEL
+    api_key: str | None = None
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    argv: list[str] = field(default_factory=list)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# =============================================================================================
+# Schemas
+# =============================================================================================
+
+
+def _allow_null_logprob_items(schema: dict[str, Any]) -> None:
+    """Let echo's first prompt token carry null in token_logprobs / top_logprobs (see docstring)."""
+    choice = schema["properties"]["choices"]["items"]["properties"]
+    logprobs_object = next(branch for branch in choice["logprobs"]["anyOf"] if branch.get("type") == "object")
+    for key in ("token_logprobs", "top_logprobs"):
+        items = logprobs_object["properties"][key]["items"]
+        logprobs_object["properties"][key]["items"] = {"anyOf": [items, {"type": "null"}]}
+
+
+def completion_response_schema() -> dict[str, Any]:
+    """CreateCompletionResponse, with null allowed only for echo's unscored first prompt token."""
+    schema = component("CreateCompletionResponse")
+    _allow_null_logprob_items(schema)
+    return schema
+
+
+def completion_chunk_schema() -> dict[str, Any]:
+    """CreateCompletionResponse as a stream event: finish_reason and usage may also be null."""
+    schema = completion_response_schema()
+    choice = schema["properties"]["choices"]["items"]["properties"]
+    choice["finish_reason"]["type"] = ["string", "null"]
+    choice["finish_reason"]["enum"] = [*choice["finish_reason"]["enum"], None]
+    schema["properties"]["usage"] = {"anyOf": [schema["properties"]["usage"], {"type": "null"}]}
+    return schema
+
+
+_SCHEMAS: dict[str, dict[str, Any]] = {}
+
+
+def _errors(instance: Any, name: str) -> list[str]:
+    """Violations of a spec component, or of one of the two patched completion schemas above."""
+    if name == "completion_response":
+        schema = _SCHEMAS.setdefault(name, completion_response_schema())
+        return schema_errors(instance, schema=schema)
+    if name == "completion_chunk":
+        schema = _SCHEMAS.setdefault(name, completion_chunk_schema())
+        return schema_errors(instance, schema=schema)
+    return schema_errors(instance, name)
+
+
+def check_schema(instance: Any, name: str) -> None:
+    """assert_matches, also for the two patched names 'completion_response' / 'completion_chunk'."""
+    errors = _errors(instance, name)
+    assert not errors, f"instance does not match {name}:\n" + "\n".join(errors) + f"\n{json.dumps(instance)[:2000]}"
+
+
+def _json_component(method: str, path: str, status: int) -> str | None:
+    """Which schema a JSON response body must match; None where the spec says nothing."""
+    if status >= 400:
+        return "ErrorResponse"
+    if not 200 <= status < 300:
+        return None
+    if method == "POST" and path == CHAT_PATH:
+        return "CreateChatCompletionResponse"
+    if method == "POST" and path == COMPLETIONS_PATH:
+        return "completion_response"
+    if method == "GET" and path == "/v1/models":
+        return "ListModelsResponse"
+    if method == "GET" and path.startswith("/v1/models/"):
+        return "Model"
+    return None
+
+
+def _chunk_component(path: str) -> str | None:
+    if path == CHAT_PATH:
+        return "CreateChatCompletionStreamResponse"
+    if path == COMPLETIONS_PATH:
+        return "completion_chunk"
+    return None
+
+
+# =============================================================================================
+# The checking transport
+# =============================================================================================
+
+
+@dataclass
+class ResponseChecker:
+    """Collects schema violations of every response the test clients receive."""
+
+    violations: list[str] = field(default_factory=list)
+    # How many bodies / chunks were checked against which schema: lets a test prove the checking ran.
+    counts: Counter = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _record(self, where: str, name: str, instance: Any) -> None:
+        errors = _errors(instance, name)
+        with self._lock:
+            self.counts[name] += 1
+            if errors:
+                self.violations.append(
+                    f"{where}: does not match {name}:\n  " + "\n  ".join(errors) + f"\n  body: {json.dumps(instance)[:1500]}"
+                )
+
+    def _violation(self, message: str) -> None:
+        with self._lock:
+            self.violations.append(message)
+
+    def check_body(self, method: str, path: str, response: httpx.Response) -> None:
+        where = f"{method} {path} -> {response.status_code}"
+        name = _json_component(method, path, response.status_code)
+        content_type = response.headers.get("content-type", "")
+        if response.status_code >= 400 and not content_type.startswith("application/json"):
+            self._violation(f"{where}: error body is {content_type!r}, not JSON: {response.content[:300]!r}")
+            return
+        if name is None:
+            return
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            self._violation(f"{where}: body is not JSON: {response.content[:300]!r}")
+            return
+        self._record(where, name, body)
+
+    def check_event(self, method: str, path: str, event: bytes) -> None:
+        """One SSE event (the bytes between blank lines): each `data:` frame is one JSON chunk."""
+        where = f"{method} {path} (stream)"
+        for line in event.decode("utf-8", errors="replace").split("\n"):
+            if not line.startswith("data:"):
+                continue  # comments (keep-alives) and other fields are the framing tests' business
+            payload = line[len("data:") :].strip()
+            if payload == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(payload)
+            except ValueError:
+                self._violation(f"{where}: data frame is not JSON: {payload[:300]!r}")
+                continue
+            if isinstance(chunk, dict) and "error" in chunk:
+                self._record(where, "ErrorResponse", chunk)
+            elif (name := _chunk_component(path)) is not None:
+                self._record(where, name, chunk)
+
+
+def _checking_transport(http_lib: ModuleType, checker: ResponseChecker) -> Any:
+    """A transport of `http_lib` (httpx, or httpx2 under openai >= 3) that checks every response.
+
+    SSE bodies pass through unchanged, each complete event checked on the way; other bodies are
+    read in the transport (the client then reuses the read content) and checked whole.
+    """
+
+    class SSECheckingStream(http_lib.SyncByteStream):
+        def __init__(self, inner: Any, method: str, path: str):
+            self._inner = inner
+            self._method = method
+            self._path = path
+
+        def __iter__(self) -> Iterator[bytes]:
+            buffer = b""
+            for part in self._inner:
+                buffer = (buffer + part).replace(b"\r\n", b"\n")
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    checker.check_event(self._method, self._path, event)
+                yield part
+
+        def close(self) -> None:
+            self._inner.close()
+
+    class CheckingTransport(http_lib.BaseTransport):
+        def __init__(self) -> None:
+            self._inner = http_lib.HTTPTransport()
+
+        def handle_request(self, request: Any) -> Any:
+            response = self._inner.handle_request(request)
+            method, path = request.method, request.url.path
+            if method in ("OPTIONS", "HEAD"):
+                return response
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                response.stream = SSECheckingStream(response.stream, method, path)
+                return response
+            response.read()
+            checker.check_body(method, path, response)
+            return response
+
+        def close(self) -> None:
+            self._inner.close()
+
+    return CheckingTransport()
+
+
+def make_client(base_url: str, checker: ResponseChecker, *, api_key: str | None = None, timeout: float = 60.0) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=base_url, transport=_checking_transport(httpx, checker), headers=headers, timeout=timeout)
+
+
+def make_openai(base_url: str, checker: ResponseChecker, *, api_key: str = "sk-no-key-needed"):
+    import openai
+
+    # openai >= 3 is built on httpx2 (same API, separate classes), older releases on httpx: the
+    # transport must come from the library the SDK's client class derives from.
+    http_lib = importlib.import_module(
+        next(
+            cls.__module__.split(".")[0]
+            for cls in openai.DefaultHttpxClient.__mro__
+            if cls.__name__ == "Client" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        )
+    )
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=60.0,
+        http_client=openai.DefaultHttpxClient(transport=_checking_transport(http_lib, checker)),
+    )
+
+
+# =============================================================================================
+# SSE
+# =============================================================================================
+
+
+@dataclass
+class SSEStream:
+    """A fully read SSE response: the raw bytes, the events in order, the JSON chunks."""
+
+    raw: bytes
+    events: list[str]  # each event's text, without the terminating blank line
+    chunks: list[dict[str, Any]]  # decoded `data:` payloads, [DONE] excluded
+    done: bool  # whether `data: [DONE]` arrived
+    comments: list[str]  # comment lines (": keep-alive"), in arrival order
+
+
+def parse_sse(raw: bytes) -> SSEStream:
+    text = raw.decode("utf-8")
+    assert "\r" not in text, "SSE framing uses bare \\n line ends"
+    assert text.endswith("\n\n"), f"SSE stream does not end with a blank line: {text[-200:]!r}"
+    events = text[:-2].split("\n\n")
+    chunks: list[dict[str, Any]] = []
+    comments: list[str] = []
+    done = False
+    for event in events:
+        for line in event.split("\n"):
+            if line.startswith(":"):
+                comments.append(line)
+                continue
+            assert line.startswith("data: "), f"unexpected SSE line {line!r} (only `data: ` frames and comments)"
+            assert not done, f"data after [DONE]: {line!r}"
+            payload = line[len("data: ") :]
+            if payload == "[DONE]":
+                done = True
+            else:
+                chunks.append(json.loads(payload))
+    return SSEStream(raw=raw, events=events, chunks=chunks, done=done, comments=comments)
+
+
+def stream_post(client: httpx.Client, path: str, body: dict[str, Any], **kwargs: Any) -> tuple[httpx.Response, SSEStream]:
+    with client.stream("POST", path, json=body, **kwargs) as response:
+        raw = response.read()
+    assert response.status_code == 200, f"{response.status_code}: {raw[:500]!r}"
+    assert response.headers["content-type"].startswith("text/event-stream"), response.headers["content-type"]
+    return response, parse_sse(raw)
+
+
+@dataclass
+class StreamedChoice:
+    text: str = ""
+    finish_reason: str | None = None
+    role: str | None = None
+    num_chunks: int = 0
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+def summarize_stream(chunks: list[dict[str, Any]], *, chat: bool, include_usage: bool) -> tuple[dict[int, StreamedChoice], dict | None]:
+    """Check the stream-wide invariants and fold the chunks into per-choice results.
+
+    Invariants: one id and one created for all chunks; chat chunks' first delta per choice has
+    role "assistant"; exactly one finish_reason per choice, on its last chunk; with include_usage
+    every chunk has `usage: null` except a final one with `choices: []` and the usage.
+    """
+    assert chunks, "no chunks"
+    assert len({c["id"] for c in chunks}) == 1, f"chunk ids differ: {sorted({c['id'] for c in chunks})}"
+    assert len({c["created"] for c in chunks}) == 1, "chunks disagree on `created`"
+    prefix = "chatcmpl-" if chat else "cmpl-"
+    assert chunks[0]["id"].startswith(prefix), chunks[0]["id"]
+    usage = None
+    body_chunks = chunks
+    if include_usage:
+        last = chunks[-1]
+        assert last["choices"] == [], f"final usage chunk has choices: {last}"
+        assert isinstance(last.get("usage"), dict), f"final chunk carries no usage: {last}"
+        usage = last["usage"]
+        body_chunks = chunks[:-1]
+        for chunk in body_chunks:
+            assert "usage" in chunk and chunk["usage"] is None, f"non-final chunk must carry usage: null: {chunk}"
+    else:
+        for chunk in chunks:
+            assert chunk.get("usage") is None, f"usage sent without include_usage: {chunk}"
+    choices: dict[int, StreamedChoice] = {}
+    for chunk in body_chunks:
+        assert chunk["choices"], f"a chunk without choices before the end: {chunk}"
+        for c in chunk["choices"]:
+            state = choices.setdefault(c["index"], StreamedChoice())
+            assert state.finish_reason is None, f"choice {c['index']} got a chunk after its finish_reason: {chunk}"
+            if chat:
+                delta = c["delta"]
+                if state.num_chunks == 0:
+                    assert delta.get("role") == "assistant", f"first delta of choice {c['index']} lacks the role: {chunk}"
+                    state.role = "assistant"
+                else:
+                    assert "role" not in delta or delta["role"] is None, f"role repeated: {chunk}"
+                state.text += delta.get("content") or ""
+                if c.get("logprobs") and c["logprobs"].get("content"):
+                    state.logprobs.extend(c["logprobs"]["content"])
+            else:
+                state.text += c["text"]
+            state.finish_reason = c["finish_reason"]
+            state.num_chunks += 1
+    for index, state in choices.items():
+        assert state.finish_reason is not None, f"choice {index} never got a finish_reason"
+    return choices, usage
+
+
+# =============================================================================================
+# Errors
+# =============================================================================================
+
+
+def assert_error(
+    response: httpx.Response,
+    status: int,
+    *,
+    param: Any = ...,
+    code: Any = ...,
+    message_contains: str | None = None,
+) -> dict[str, Any]:
+    """The response is OpenAI's error envelope with this status (and param / code when given).
+
+    `param` may be a tuple of acceptable values or a string ending in '*' (a prefix: e.g. any path
+    inside `messages`). `...` means "not checked".
+    """
+    assert response.status_code < 500, f"server error {response.status_code}: {response.text[:1000]}"
+    assert response.status_code == status, f"expected {status}, got {response.status_code}: {response.text[:1000]}"
+    assert response.headers.get("content-type", "").startswith("application/json"), response.headers.get("content-type")
+    body = response.json()
+    assert_matches(body, "ErrorResponse")
+    error = body["error"]
+    assert set(error) >= {"message", "type", "param", "code"}, error
+    assert error["message"], error
+    if param is not ...:
+        assert param_matches(param, error["param"]), f"param: expected {param!r}, got {error['param']!r} ({error['message']})"
+    if code is not ...:
+        assert error["code"] == code, f"code: expected {code!r}, got {error['code']!r} ({error['message']})"
+    if message_contains is not None:
+        assert message_contains in error["message"], error["message"]
+    return error
+
+
+def param_matches(expected: Any, got: Any) -> bool:
+    if isinstance(expected, tuple):
+        return any(param_matches(option, got) for option in expected)
+    if isinstance(expected, str) and expected.endswith("*"):
+        return isinstance(got, str) and got.startswith(expected[:-1])
+    return expected == got
+
+
+__all__ = [
+    "CHAT_PATH",
+    "COMPLETIONS_PATH",
+    "DEFAULT_MODEL",
+    "ResponseChecker",
+    "SSEStream",
+    "StreamedChoice",
+    "assert_error",
+    "assert_matches",
+    "check_schema",
+    "completion_chunk_schema",
+    "completion_response_schema",
+    "make_client",
+    "make_openai",
+    "openapi_schema",
+    "param_matches",
+    "parse_sse",
+    "stream_post",
+    "summarize_stream",
+]
