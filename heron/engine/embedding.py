@@ -1,0 +1,574 @@
+"""The encoder path: token ids in, one pooled float32 vector per input out.
+
+`EmbeddingEngine` owns a loaded encoder model (BERT) with its tokenizer and sentence-transformers
+pooling pipeline. `tokenize()` turns strings into ids with the model's special tokens (as
+sentence-transformers does); `embed()` validates and truncates token-id inputs, runs them through
+the encoder in length-sorted, token-bounded batches (padding-free: see `heron.models.bert`), pools,
+normalises and applies Matryoshka `dimensions`, and returns one `EmbeddingOutput` per input, in
+input order.
+
+`AsyncEmbeddingEngine` is its asyncio face for the HTTP layer: one dedicated thread runs every
+forward, so the event loop never stalls on torch, and inputs of requests that arrive while a batch
+runs are merged into the next batch (micro-batching), up to `max_batch_tokens` tokens per forward.
+
+Truncation follows vLLM's `truncate_prompt_tokens`: None rejects an over-long input
+(`EmbeddingInputError`, a ValueError meant for a 400, like every input problem here), -1 truncates
+to the model's maximum, k keeps the last k tokens. For strings the special tokens survive
+truncation ([CLS] ... [SEP]), as a Hugging Face tokenizer with `truncation=True` does; token-id
+inputs are cut as given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from heron.engine.async_engine import EngineDeadError
+from heron.models.bundled import default_embedding_model_path
+from heron.models.loader import LoadedModel, load_model
+from heron.models.pooling import Pooler, PoolingConfig
+from heron.outputs import EmbeddingOutput
+
+logger = logging.getLogger(__name__)
+
+# Tokens per encoder forward. On the bundled MiniLM (2 CPU cores, fp32, 64 inputs of 10-250
+# tokens) the forward is GEMM-bound and its speed is flat from about 2k tokens per forward up
+# (best of 4 runs on a busy machine: 512 -> 2.8 s, 1024 -> 2.4, 2048 -> 2.1, 4096 -> 2.25,
+# 16384 -> 2.35), while activation memory and the wait of a request queued behind a batch grow
+# with it.
+DEFAULT_MAX_BATCH_TOKENS = 4096
+
+TruncationSide = Literal["left", "right"]
+
+
+class EmbeddingInputError(ValueError):
+    """A request the engine cannot embed as asked: an HTTP 400. `param` names the request field at
+    fault (`input`, `truncate_prompt_tokens` or `dimensions`); the message says why, with numbers."""
+
+    def __init__(self, message: str, param: str = "input"):
+        super().__init__(message)
+        self.param = param
+
+
+class EmbeddingEngine:
+    """A loaded encoder model that turns token-id inputs into embeddings, synchronously."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        pooling: PoolingConfig | None = None,
+        max_model_len: int | None = None,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ):
+        if not loaded.is_embedding:
+            raise ValueError(f"{loaded.source} is not an embedding model")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.pooling = pooling or PoolingConfig.from_sentence_transformers_dir(loaded.source)
+        self.pooler = Pooler(self.pooling)
+        self.max_batch_tokens = max_batch_tokens
+
+        # The model's limit is its position table; a sentence-transformers max_seq_length (256 for
+        # MiniLM, whose table has 512) is the length it was trained and is served at, as vLLM does.
+        position_limit = self.model.max_position_embeddings
+        if max_model_len is not None:
+            if not 0 < max_model_len <= position_limit:
+                raise ValueError(
+                    f"max_model_len {max_model_len} must be between 1 and the model's "
+                    f"max_position_embeddings {position_limit}"
+                )
+        else:
+            max_model_len = min(position_limit, self.pooling.max_seq_length or position_limit)
+        self.max_model_len = max_model_len
+        self.hidden_size = self.model.hidden_size
+        self.vocab_size = self.model.arch.vocab_size
+
+        hf_config = loaded.hf_config or {}
+        # Matryoshka models say so in config.json, as vLLM reads it: a list of the dimensions they
+        # were trained to truncate to, or a flag meaning any prefix works.
+        dims = hf_config.get("matryoshka_dimensions")
+        self.matryoshka_dimensions: tuple[int, ...] | None = tuple(int(d) for d in dims) if dims else None
+        self.is_matryoshka = bool(hf_config.get("is_matryoshka")) or self.matryoshka_dimensions is not None
+        self._num_special_tokens = self.tokenizer.backend.num_special_tokens_to_add(False)
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        progress: bool = False,
+        **kwargs,
+    ) -> EmbeddingEngine:
+        """Load an encoder directory (None: the bundled all-MiniLM-L6-v2) and wrap it."""
+        path = default_embedding_model_path() if model is None else model
+        return cls(load_model(path, dtype=dtype, device=device, progress=progress), **kwargs)
+
+    # ----------------------------------------------------------------- input preparation
+
+    def tokenize(
+        self,
+        texts: Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: TruncationSide = "left",
+    ) -> list[list[int]]:
+        """Token ids of each text, with the model's special tokens, truncated as asked.
+
+        Truncation keeps the special tokens and cuts the text between them: "left" (vLLM's
+        `truncate_prompt_tokens`) keeps the end of the text, "right" (sentence-transformers) its
+        start. Without truncation an over-long text comes back whole; `embed` rejects it.
+        """
+        limit = self._truncation_limit(truncate_prompt_tokens)
+        encodings = self.tokenizer.backend.encode_batch_fast(list(texts), add_special_tokens=True)
+        ids = [e.ids for e in encodings]
+        if limit is None:
+            return ids
+        room = limit - self._num_special_tokens
+        if room < 1:
+            raise EmbeddingInputError(
+                f"truncate_prompt_tokens {truncate_prompt_tokens} leaves no room for text beside "
+                f"the model's {self._num_special_tokens} special tokens",
+                param="truncate_prompt_tokens",
+            )
+        backend = self.tokenizer.backend
+        for i, token_ids in enumerate(ids):
+            if len(token_ids) > limit:
+                # Rare (only over-long texts): re-encode without special tokens, cut, then let the
+                # tokenizer's own post-processor put them back.
+                bare = backend.encode(texts[i], add_special_tokens=False)
+                bare.truncate(room, direction="left" if truncation_side == "left" else "right")
+                ids[i] = backend.post_process(bare, add_special_tokens=True).ids
+        return ids
+
+    def _truncation_limit(self, truncate_prompt_tokens: int | None) -> int | None:
+        if truncate_prompt_tokens is None:
+            return None
+        if truncate_prompt_tokens == -1:
+            return self.max_model_len
+        if truncate_prompt_tokens < 1:
+            raise EmbeddingInputError(
+                f"truncate_prompt_tokens must be -1 (the model's maximum) or a positive count, "
+                f"got {truncate_prompt_tokens}",
+                param="truncate_prompt_tokens",
+            )
+        if truncate_prompt_tokens > self.max_model_len:
+            raise EmbeddingInputError(
+                f"truncate_prompt_tokens {truncate_prompt_tokens} is greater than this model's "
+                f"maximum input length of {self.max_model_len} tokens",
+                param="truncate_prompt_tokens",
+            )
+        return truncate_prompt_tokens
+
+    def check_dimensions(self, dimensions: int | None) -> None:
+        # The full size is always fine: some clients send `dimensions` on every request.
+        if dimensions is None or dimensions == self.hidden_size:
+            return
+        if not self.is_matryoshka:
+            raise EmbeddingInputError(
+                f"this model does not support 'dimensions' other than its full size "
+                f"{self.hidden_size} (it was not trained for Matryoshka truncation)",
+                param="dimensions",
+            )
+        if self.matryoshka_dimensions is not None:
+            if dimensions not in self.matryoshka_dimensions:
+                raise EmbeddingInputError(
+                    f"dimensions {dimensions} is not supported by this model; "
+                    f"choose one of {list(self.matryoshka_dimensions)}",
+                    param="dimensions",
+                )
+        elif not 1 <= dimensions <= self.hidden_size:
+            raise EmbeddingInputError(
+                f"dimensions must be between 1 and {self.hidden_size}, got {dimensions}",
+                param="dimensions",
+            )
+
+    def prepare(
+        self,
+        inputs: Sequence[Sequence[int]],
+        truncate_prompt_tokens: int | None = None,
+        dimensions: int | None = None,
+    ) -> list[list[int]]:
+        """Validate token-id inputs and apply truncation; raises EmbeddingInputError naming the
+        culprit.
+
+        Cheap (Python over the ids), so the async engine runs it on the caller's side and a bad
+        request fails at once instead of after the batch ahead of it.
+        """
+        if not inputs:
+            raise EmbeddingInputError("input must not be empty", param="input")
+        self.check_dimensions(dimensions)
+        limit = self._truncation_limit(truncate_prompt_tokens)
+        prepared: list[list[int]] = []
+        for index, token_ids in enumerate(inputs):
+            token_ids = list(token_ids)
+            if not token_ids:
+                raise EmbeddingInputError(
+                    f"input {index} is empty; every input needs at least one token", param="input"
+                )
+            if limit is not None and len(token_ids) > limit:
+                token_ids = token_ids[-limit:]  # vLLM keeps the last k tokens
+            elif len(token_ids) > self.max_model_len:
+                raise EmbeddingInputError(
+                    f"this model's maximum input length is {self.max_model_len} tokens, but input "
+                    f"{index} has {len(token_ids)} tokens; shorten it or set truncate_prompt_tokens",
+                    param="input",
+                )
+            low, high = min(token_ids), max(token_ids)
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise EmbeddingInputError(
+                    f"input {index} has token id {bad}, outside this model's vocabulary "
+                    f"of {self.vocab_size} tokens",
+                    param="input",
+                )
+            prepared.append(token_ids)
+        return prepared
+
+    # ----------------------------------------------------------------- encoding
+
+    def embed(
+        self,
+        inputs: Sequence[Sequence[int]],
+        truncate_prompt_tokens: int | None = None,
+        dimensions: int | None = None,
+        request_id: str = "",
+    ) -> list[EmbeddingOutput]:
+        """Embed token-id inputs; output i belongs to input i."""
+        token_ids = self.prepare(inputs, truncate_prompt_tokens, dimensions)
+        vectors = torch.empty(len(token_ids), self.hidden_size, dtype=torch.float32)
+        for batch in self.plan_batches([len(ids) for ids in token_ids]):
+            vectors[batch] = self.encode([token_ids[i] for i in batch])
+        return self.outputs(vectors, token_ids, dimensions, request_id)
+
+    def plan_batches(self, seq_lens: Sequence[int], budget: int | None = None) -> list[list[int]]:
+        """Input indices, longest first, cut into batches of at most `budget` tokens.
+
+        Sorting keeps each batch's lengths close, so its attention buckets pad little; a single
+        input longer than the budget still gets a batch of its own.
+        """
+        budget = budget or self.max_batch_tokens
+        batches: list[list[int]] = []
+        num_tokens = budget + 1
+        for i in sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i]):
+            if num_tokens + seq_lens[i] > budget:
+                batches.append([])
+                num_tokens = 0
+            batches[-1].append(i)
+            num_tokens += seq_lens[i]
+        return batches
+
+    @torch.inference_mode()
+    def encode(self, token_ids: Sequence[list[int]]) -> torch.Tensor:
+        """One forward over already prepared inputs -> `[num_inputs, hidden]` float32 on the CPU,
+        pooled and normalised as the model's pipeline says."""
+        seq_lens = [len(ids) for ids in token_ids]
+        lens = torch.tensor(seq_lens)
+        num_tokens = int(lens.sum())
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.long)
+        # Position of each token within its own sequence, built without a per-sequence loop.
+        starts = torch.cumsum(lens, 0) - lens
+        positions = torch.arange(num_tokens) - torch.repeat_interleave(starts, lens, output_size=num_tokens)
+        device = self.device
+        hidden = self.model(input_ids.to(device), positions.to(device), seq_lens)
+        return self.pooler(hidden, seq_lens).float().cpu()
+
+    def outputs(
+        self,
+        vectors: torch.Tensor,
+        token_ids: Sequence[list[int]],
+        dimensions: int | None,
+        request_id: str,
+    ) -> list[EmbeddingOutput]:
+        if dimensions is not None and dimensions < vectors.shape[1]:
+            vectors = vectors[:, :dimensions]
+            if self.pooling.normalize:
+                # A Matryoshka prefix of a unit vector is not one; the model promised unit vectors.
+                vectors = F.normalize(vectors, p=2.0, dim=-1)
+        # One tolist() for the whole batch: Python floats are what both response encodings start
+        # from (JSON numbers directly; base64 via one float32 array per row).
+        rows = vectors.tolist()
+        return [
+            EmbeddingOutput(request_id=request_id, embedding=row, num_prompt_tokens=len(ids))
+            for row, ids in zip(rows, token_ids, strict=True)
+        ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Async micro-batching.
+
+
+@dataclass(frozen=True)
+class EmbeddingStats:
+    """Counters the worker thread publishes after every batch (a whole snapshot, never torn)."""
+
+    num_batches: int = 0
+    num_inputs: int = 0
+    num_tokens: int = 0
+    num_waiting_requests: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request on its way through the worker: prepared inputs and where its rows land."""
+
+    token_ids: list[list[int]]
+    dimensions: int | None
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    order: list[int]  # input indices, longest first: the order the worker takes them in
+    vectors: torch.Tensor
+    next: int = 0  # how many of `order` have been handed to a batch
+    num_done: int = 0
+    # Set from the event loop when the caller goes away; the worker then skips what is left.
+    cancelled: bool = False
+
+    @property
+    def num_left(self) -> int:
+        return len(self.order) - self.next
+
+
+class _Shutdown:
+    """Queue item: fail what is pending and end the worker thread."""
+
+
+def _settle(future: asyncio.Future, result: object) -> None:
+    """Runs on the job's event loop. A caller that was cancelled meanwhile no longer wants it."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class AsyncEmbeddingEngine:
+    """Runs an EmbeddingEngine on its own thread and merges concurrent requests into batches.
+
+    Each batch takes inputs first-come first-served (a request's own inputs longest first) until
+    `max_batch_tokens` is reached; a request bigger than that spans several batches, and requests
+    that arrive meanwhile join the batches after it. Validation (lengths, ids, truncation,
+    dimensions) runs in `embed()` on the caller's side, so bad input raises ValueError at once.
+    """
+
+    def __init__(self, engine: EmbeddingEngine, max_batch_tokens: int | None = None):
+        self.engine = engine
+        self.max_batch_tokens = max_batch_tokens or engine.max_batch_tokens
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        self._queue: queue.SimpleQueue[_Job | _Shutdown] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        # Guards the lifecycle flags together with enqueueing, so nothing slips in behind shutdown.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stats = EmbeddingStats()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the embedding engine has been shut down")
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="heron-embedding", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the worker; requests still waiting fail with EngineDeadError."""
+        with self._lock:
+            thread = self._thread
+            if not self._closed:
+                self._closed = True
+                if thread is not None:
+                    self._queue.put(_Shutdown())
+        if thread is not None and thread.is_alive():
+            # The worker may be mid-batch: wait for it without blocking the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+
+    async def __aenter__(self) -> AsyncEmbeddingEngine:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def stats(self) -> EmbeddingStats:
+        return self._stats
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
+    # ----------------------------------------------------------------- requests
+
+    async def tokenize(
+        self,
+        texts: Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        truncation_side: TruncationSide = "left",
+    ) -> list[list[int]]:
+        """`EmbeddingEngine.tokenize` off the event loop (a long input list takes milliseconds)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.engine.tokenize, list(texts), truncate_prompt_tokens, truncation_side
+        )
+
+    async def embed(
+        self,
+        inputs: Sequence[Sequence[int]],
+        truncate_prompt_tokens: int | None = None,
+        dimensions: int | None = None,
+        request_id: str = "",
+    ) -> list[EmbeddingOutput]:
+        """Embed token-id inputs; output i belongs to input i. Raises ValueError on bad input."""
+        token_ids = self.engine.prepare(inputs, truncate_prompt_tokens, dimensions)
+        loop = asyncio.get_running_loop()
+        job = _Job(
+            token_ids=token_ids,
+            dimensions=dimensions,
+            request_id=request_id,
+            loop=loop,
+            future=loop.create_future(),
+            order=sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i])),
+            vectors=torch.empty(len(token_ids), self.engine.hidden_size, dtype=torch.float32),
+        )
+        with self._lock:
+            if self._closed:
+                raise EngineDeadError("the embedding engine has been shut down")
+            if self._thread is None:
+                raise RuntimeError("AsyncEmbeddingEngine.start() has not been called")
+            self._queue.put(job)
+        try:
+            return await job.future
+        except asyncio.CancelledError:
+            job.cancelled = True  # the worker drops its remaining inputs
+            raise
+
+    # ----------------------------------------------------------------- worker thread
+
+    def _run(self) -> None:
+        pending: deque[_Job] = deque()
+        while True:
+            # Idle: block until a request comes. Busy: take whatever arrived during the last batch.
+            items = [] if pending else [self._queue.get()]
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if isinstance(item, _Shutdown):
+                    self._fail_all(pending, items)
+                    return
+                pending.append(item)
+            self._drop_done(pending)  # callers that left while they waited
+            if pending:
+                self._run_batch(self._take_batch(pending), pending)
+
+    def _take_batch(self, pending: deque[_Job]) -> list[tuple[_Job, list[int]]]:
+        """(job, input indices) pairs for the next forward, within the token budget."""
+        budget = self.max_batch_tokens
+        num_tokens = 0
+        batch: list[tuple[_Job, list[int]]] = []
+        for job in pending:
+            if job.cancelled:
+                continue
+            taken: list[int] = []
+            while job.num_left:
+                index = job.order[job.next]
+                n = len(job.token_ids[index])
+                if num_tokens + n > budget and (num_tokens or taken):
+                    break
+                taken.append(index)
+                num_tokens += n
+                job.next += 1
+            if taken:
+                batch.append((job, taken))
+            if job.num_left:  # the budget ran out inside this job
+                break
+        return batch
+
+    def _run_batch(self, batch: list[tuple[_Job, list[int]]], pending: deque[_Job]) -> None:
+        token_ids = [job.token_ids[i] for job, indices in batch for i in indices]
+        try:
+            vectors = self.engine.encode(token_ids)
+        except Exception as exc:  # e.g. out of memory: it fails these requests, not the engine
+            logger.exception("embedding batch of %d inputs failed", len(token_ids))
+            for job, _ in batch:
+                job.cancelled = True
+                self._deliver(job, exc)
+            self._drop_done(pending)
+            return
+        row = 0
+        finished: list[_Job] = []
+        for job, indices in batch:
+            job.vectors[indices] = vectors[row : row + len(indices)]
+            row += len(indices)
+            job.num_done += len(indices)
+            if job.num_done == len(job.token_ids):
+                finished.append(job)
+        # Published before any caller hears back, so a caller sees its own batch counted.
+        stats = self._stats
+        self._stats = EmbeddingStats(
+            num_batches=stats.num_batches + 1,
+            num_inputs=stats.num_inputs + len(token_ids),
+            num_tokens=stats.num_tokens + sum(len(ids) for ids in token_ids),
+            num_waiting_requests=sum(
+                1 for job in pending if not job.cancelled and job.num_done < len(job.token_ids)
+            ),
+        )
+        for job in finished:
+            try:
+                result: object = self.engine.outputs(
+                    job.vectors, job.token_ids, job.dimensions, job.request_id
+                )
+            except Exception as exc:  # a bug, but it belongs to that caller alone
+                result = exc
+            self._deliver(job, result)
+        self._drop_done(pending)
+
+    @staticmethod
+    def _drop_done(pending: deque[_Job]) -> None:
+        # Jobs finish in roughly FIFO order; rebuild only when something ended.
+        if any(job.cancelled or job.num_done == len(job.token_ids) for job in pending):
+            kept = [j for j in pending if not j.cancelled and j.num_done < len(j.token_ids)]
+            pending.clear()
+            pending.extend(kept)
+
+    @staticmethod
+    def _deliver(job: _Job, result: object) -> None:
+        try:
+            job.loop.call_soon_threadsafe(_settle, job.future, result)
+        except RuntimeError:
+            pass  # that event loop is closed: nobody is waiting for this any more
+
+    def _fail_all(self, pending: deque[_Job], items: list[_Job | _Shutdown]) -> None:
+        jobs = list(pending) + [item for item in items if isinstance(item, _Job) and item not in pending]
+        # Requests that raced past the closed check are still in the queue.
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Job):
+                jobs.append(item)
+        for job in jobs:
+            self._deliver(job, EngineDeadError("the embedding engine has been shut down"))
