@@ -205,7 +205,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from heron.server.app import create_app
-    from heron.server.registry import ModelRegistry, load_generation_model
+    from heron.server.registry import load_served_models
     from heron.server.settings import settings_from_args
 
     settings = settings_from_args(args)
@@ -213,23 +213,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     log = logging.getLogger("heron.server")
-    # Load before binding the port, so a client that can connect finds the model ready.
-    model = load_generation_model(settings, progress=sys.stderr.isatty())
-    runtime = model.engine.core.runtime
-    log.info(
-        "model %s (%s, %s) on %s, dtype %s; KV cache %s in %d blocks of %d tokens; context %d tokens",
-        model.name,
-        model.loaded.source,
-        model.loaded.quantization,
-        model.loaded.device,
-        str(model.loaded.dtype).removeprefix("torch."),
-        _format_bytes(runtime.kv_cache_bytes),
-        runtime.num_kv_blocks,
-        runtime.block_size,
-        model.max_model_len,
-    )
-    registry = ModelRegistry()
-    registry.add(model)
+    # Load before binding the port, so a client that can connect finds the models ready.
+    registry = load_served_models(settings, progress=sys.stderr.isatty())
+    for model in registry.models:
+        loaded = model.loaded
+        where = f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}"
+        if model.kind == "generate":
+            runtime = model.engine.core.runtime
+            detail = (
+                f"KV cache {_format_bytes(runtime.kv_cache_bytes)} in {runtime.num_kv_blocks} blocks of "
+                f"{runtime.block_size} tokens"
+            )
+        else:
+            detail = "embeddings"
+        log.info(
+            "model %s: %s (%s) on %s; context %d tokens; %s; memory %s",
+            ", ".join(model.names),
+            loaded.source,
+            loaded.quantization,
+            where,
+            model.max_model_len,
+            detail,
+            _format_bytes(model.memory_bytes),
+        )
     app = create_app(settings, registry)
     config = uvicorn.Config(
         app,
@@ -240,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     server = uvicorn.Server(config)
-    log.info("serving %s at http://%s:%d/v1 (docs at /docs)", ", ".join(model.names), settings.host, settings.port)
+    log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
     try:
         asyncio.run(server.serve())
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ goes away (streaming or not) aborts its engine request, which frees its KV block
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -50,7 +52,8 @@ from heron.server.protocol import (
     TokenizeResponse,
     tokenize_request_adapter,
 )
-from heron.server.registry import ModelRegistry, ServedModel, load_generation_model
+from heron.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from heron.server.registry import ModelRegistry, ServedModel, load_served_models
 from heron.server.serving_chat import chat_response, chat_stream, prepare_chat, render_chat_prompt
 from heron.server.serving_common import SSE_HEADERS, merge_streams, request_error_from
 from heron.server.serving_completions import completion_response, completion_stream, prepare_completion
@@ -291,6 +294,10 @@ async def _with_keepalive(frames: AsyncIterator[bytes], interval: float) -> Asyn
         await iterator.aclose()
 
 
+def _json(model: BaseModel, headers: dict[str, str] | None = None) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json", headers=headers)
+
+
 def _headers(unknown: list[str]) -> dict[str, str]:
     return {IGNORED_FIELDS_HEADER: ", ".join(unknown)} if unknown else {}
 
@@ -348,8 +355,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         nonlocal registry
         owned = registry is None
         if owned:
-            registry = ModelRegistry()
-            registry.add(await asyncio.to_thread(load_generation_model, settings, False))
+            registry = await asyncio.to_thread(load_served_models, settings, False)
         app.state.registry = registry
         try:
             yield
@@ -420,7 +426,11 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     def generation_model(name: str) -> ServedModel:
         model = models().get(name)
         if model.kind != "generate":
-            raise bad_request(f"The model `{name}` does not generate text.", param="model", code="wrong_model_type")
+            raise bad_request(
+                f"The model `{name}` is an embedding model: it serves /v1/embeddings, not text generation.",
+                param="model",
+                code="wrong_model_type",
+            )
         return model
 
     # ------------------------------------------------------------------- generation routes
@@ -450,7 +460,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
             finish=",".join(c.finish_reason for c in response.choices),
         )
-        return JSONResponse(response.model_dump(), headers=headers)
+        return _json(response, headers)
 
     @app.post("/v1/completions", tags=["OpenAI"])
     async def create_completion(request: Request) -> Response:
@@ -480,7 +490,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             request, parsed.model, 200, started,
             prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
         )
-        return JSONResponse(response.model_dump(), headers=headers)
+        return _json(response, headers)
 
     def _stream(
         request: Request,
@@ -504,6 +514,54 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
+    # ------------------------------------------------------------------- embeddings
+
+    @app.post("/v1/embeddings", tags=["OpenAI"])
+    async def create_embedding(request: Request) -> Response:
+        started = time.monotonic()
+        parsed, unknown = await parse(request, EmbeddingRequest)
+        model = models().get(parsed.model)
+        if model.kind != "embed":
+            raise bad_request(
+                f"The model `{parsed.model}` generates text: it does not serve /v1/embeddings.",
+                param="model",
+                code="wrong_model_type",
+            )
+        # The engine validates ids, lengths and dimensions (EmbeddingInputError -> 400 below).
+        texts, token_ids = parsed.inputs()
+        with admission.slot():
+            try:
+                if texts is not None:
+                    token_ids = await model.engine.tokenize(texts, parsed.truncate_prompt_tokens)
+                outputs = await _until_disconnect(
+                    request,
+                    model.engine.embed(
+                        token_ids, parsed.truncate_prompt_tokens, parsed.dimensions, request.state.request_id
+                    ),
+                )
+            except ValueError as exc:
+                # EmbeddingInputError names the field at fault; other ValueErrors concern the input.
+                message = str(exc)
+                message = message[:1].upper() + message[1:] + ("" if message.endswith(".") else ".")
+                raise bad_request(message, param=getattr(exc, "param", None) or "input") from exc
+            except Exception as exc:
+                raise request_error_from(exc) from exc
+        data = []
+        for index, output in enumerate(outputs):
+            if parsed.encoding_format == "base64":
+                vector: list[float] | str = base64.b64encode(
+                    np.asarray(output.embedding, dtype="<f4").tobytes()
+                ).decode("ascii")
+            else:
+                vector = output.embedding
+            data.append(Embedding.model_construct(embedding=vector, index=index))
+        prompt_tokens = sum(o.num_prompt_tokens for o in outputs)
+        response = EmbeddingResponse(
+            data=data, model=parsed.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
+        )
+        log_request(request, parsed.model, 200, started, inputs=len(outputs), prompt_tokens=prompt_tokens)
+        return _json(response, _headers(unknown))
+
     # ------------------------------------------------------------------- models, tokenizer
 
     @app.get("/v1/models", tags=["OpenAI"])
@@ -521,7 +579,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     @app.post("/tokenize", tags=["Heron"])
     async def tokenize(request: Request) -> JSONResponse:
         parsed, unknown = await parse(request, tokenize_request_adapter)
-        model = generation_model(parsed.model) if parsed.model is not None else models().get(None)
+        model = models().get(parsed.model)
         if isinstance(parsed, TokenizeChatRequest):
             if parsed.tools:
                 raise bad_request("Tool calling is not supported by this server yet.", param="tools")
@@ -548,7 +606,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     @app.post("/detokenize", tags=["Heron"])
     async def detokenize(request: Request) -> JSONResponse:
         parsed, unknown = await parse(request, DetokenizeRequest)
-        model = generation_model(parsed.model) if parsed.model is not None else models().get(None)
+        model = models().get(parsed.model)
         for i, token_id in enumerate(parsed.tokens):
             if token_id >= model.vocab_size:
                 raise bad_request(
@@ -565,10 +623,10 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         registry = models()
         if registry is None:
             return _error_response(APIError(503, "The model is still loading.", code="loading"))
-        dead = [m.name for m in registry.models if m.engine.dead_error is not None or not m.engine.is_running]
+        dead = [m.name for m in registry.models if not m.engine.is_running]
         if dead:
             return _error_response(APIError(503, f"The engine for {', '.join(dead)} has stopped.", code="engine_dead"))
-        stats = [m.engine.stats for m in registry.models]
+        stats = [m.engine.stats for m in registry.models if m.kind == "generate"]
         return JSONResponse(
             {
                 "status": "ok",
@@ -591,6 +649,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             "endpoints": [
                 "POST /v1/chat/completions",
                 "POST /v1/completions",
+                "POST /v1/embeddings",
                 "GET /v1/models",
                 "GET /v1/models/{model}",
                 "POST /tokenize",
@@ -607,6 +666,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         {
             "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
             "/v1/completions": (CompletionRequest, CompletionResponse),
+            "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
             "/tokenize": (tokenize_request_adapter, TokenizeResponse),
             "/detokenize": (DetokenizeRequest, DetokenizeResponse),
         },

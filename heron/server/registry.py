@@ -2,8 +2,10 @@
 
 `ServedModel` is everything a route needs to answer for one model; `ModelRegistry` resolves the
 `model` field of a request (any served name or alias) to it, or raises the 404 OpenAI sends.
-`load_generation_model()` builds a ServedModel from ServerSettings: load weights, build the engine
-core, wrap it in an AsyncEngine.
+`load_served_models()` builds them from ServerSettings: with no model named, the bundled chat model
+and the bundled embedding model; otherwise the positional model and each `--model PATH[=NAMES]`,
+as a generation model (engine core + AsyncEngine) or an embedding model (EmbeddingEngine + its
+micro-batching async face), by what the loaded checkpoint is.
 """
 
 from __future__ import annotations
@@ -14,18 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from heron import __version__
+from heron.models.bundled import (
+    DEFAULT_CHAT_MODEL_NAME,
+    DEFAULT_EMBEDDING_MODEL_NAME,
+    default_chat_model_path,
+    default_embedding_model_path,
+)
 from heron.server.errors import model_not_found
 from heron.server.settings import ServerSettings
 
 logger = logging.getLogger("heron.server")
 
-DEFAULT_CHAT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-
 @dataclass
 class ServedModel:
-    names: list[str]  # the first is reported in responses
-    kind: str  # "generate"
+    names: list[str]  # every name a request may use
+    kind: str  # "generate" | "embed"
     loaded: object  # heron.models.loader.LoadedModel
     engine: object  # heron.engine.async_engine.AsyncEngine
     tokenizer: object
@@ -35,6 +40,7 @@ class ServedModel:
     system_fingerprint: str
     generation_defaults: dict = field(default_factory=dict)
     fim_tokens: tuple[int, int, int] | None = None  # prefix, suffix, middle ids when the vocab has them
+    memory_bytes: int = 0  # weights, plus the KV cache for generation models
 
     @property
     def name(self) -> str:
@@ -56,10 +62,9 @@ class ModelRegistry:
 
     def get(self, name: str | None) -> ServedModel:
         if name is None:
-            # vLLM's /tokenize makes `model` optional: one model means no ambiguity.
-            if len(self.models) == 1:
-                return self.models[0]
-            raise model_not_found("")
+            # vLLM's /tokenize makes `model` optional; without it, the first model served (the
+            # positional one, or the bundled chat model) answers.
+            return self.models[0]
         model = self._by_name.get(name)
         if model is None:
             raise model_not_found(name)
@@ -69,11 +74,22 @@ class ModelRegistry:
         for model in self.models:
             await model.engine.shutdown()
 
+    def close_now(self) -> None:
+        """Stop every engine thread from synchronous code (start-up failed half way)."""
+        import asyncio
 
-def _default_name(source: str, bundled: bool) -> str:
-    if bundled:
-        return DEFAULT_CHAT_MODEL_NAME
+        asyncio.run(self.shutdown())
+
+
+def _default_name(source: str) -> str:
     path = Path(source)
+    bundled = {str(default_chat_model_path()): DEFAULT_CHAT_MODEL_NAME}
+    try:
+        bundled[str(default_embedding_model_path())] = DEFAULT_EMBEDDING_MODEL_NAME
+    except FileNotFoundError:
+        pass
+    if str(path) in bundled:
+        return bundled[str(path)]
     return path.stem if path.suffix == ".gguf" else path.name
 
 
@@ -86,17 +102,30 @@ def _fim_tokens(tokenizer) -> tuple[int, int, int] | None:
     return None
 
 
-def load_generation_model(settings: ServerSettings, progress: bool = True) -> ServedModel:
-    """Load the model the settings name (or the bundled one) and start its engine thread."""
+def _weight_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _digest(loaded) -> str:
+    return "fp_" + hashlib.sha256(f"{__version__}:{loaded.source}:{loaded.dtype}".encode()).hexdigest()[:10]
+
+
+def parse_model_spec(spec: str) -> tuple[str, list[str]]:
+    """'path/to/model.gguf=name,alias' -> ('path/to/model.gguf', ['name', 'alias'])."""
+    path, sep, names = spec.rpartition("=") if "=" in spec else (spec, "", "")
+    names_list = [n.strip() for n in names.split(",") if n.strip()] if sep else []
+    if sep and not names_list:
+        raise ValueError(f"--model {spec!r}: give at least one name after '='")
+    return path, names_list
+
+
+def serve_generation(loaded, names: list[str], settings: ServerSettings) -> ServedModel:
+    """Wrap a loaded decoder in an engine core and its AsyncEngine (started)."""
     from heron.config import CacheConfig, SchedulerConfig
     from heron.engine.async_engine import AsyncEngine
     from heron.engine.core import EngineCore
     from heron.models.chat_template import ChatTemplate
-    from heron.models.loader import load_model
 
-    loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device, progress=progress)
-    if loaded.arch_config is None:
-        raise ValueError(f"{loaded.source} is an embedding model; serve a text-generation model")
     core = EngineCore(
         loaded,
         CacheConfig(kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching),
@@ -110,12 +139,10 @@ def load_generation_model(settings: ServerSettings, progress: bool = True) -> Se
         template = ChatTemplate(loaded.chat_template, special_tokens=tokenizer.special_tokens)
     else:
         template = None
-    names = list(settings.served_model_name) or [_default_name(loaded.source, settings.model is None)]
-    digest = hashlib.sha256(f"{__version__}:{loaded.source}:{loaded.dtype}".encode()).hexdigest()[:10]
     engine = AsyncEngine(core)
     engine.start()
     return ServedModel(
-        names=names,
+        names=names or [_default_name(loaded.source)],
         kind="generate",
         loaded=loaded,
         engine=engine,
@@ -123,7 +150,51 @@ def load_generation_model(settings: ServerSettings, progress: bool = True) -> Se
         chat_template=template,
         max_model_len=core.max_model_len,
         vocab_size=loaded.arch_config.vocab_size,
-        system_fingerprint=f"fp_{digest}",
+        system_fingerprint=_digest(loaded),
         generation_defaults=dict(loaded.generation.sampling),
         fim_tokens=_fim_tokens(tokenizer),
+        memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
     )
+
+
+def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> ServedModel:
+    """Wrap a loaded encoder in an EmbeddingEngine and its micro-batching AsyncEmbeddingEngine."""
+    from heron.engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
+
+    engine = EmbeddingEngine(loaded)
+    async_engine = AsyncEmbeddingEngine(engine)
+    async_engine.start()
+    return ServedModel(
+        names=names or [_default_name(loaded.source)],
+        kind="embed",
+        loaded=loaded,
+        engine=async_engine,
+        tokenizer=loaded.tokenizer,
+        chat_template=None,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        system_fingerprint=_digest(loaded),
+        memory_bytes=_weight_bytes(loaded.model),
+    )
+
+
+def load_served_models(settings: ServerSettings, progress: bool = True) -> ModelRegistry:
+    """Every model the settings name; with none named, the bundled chat and embedding models."""
+    from heron.models.loader import load_model
+
+    specs: list[tuple[str | None, list[str]]] = []
+    if settings.model is not None or not settings.models:
+        specs.append((settings.model, list(settings.served_model_name)))
+    specs.extend(parse_model_spec(spec) for spec in settings.models)
+    if settings.model is None and not settings.models:
+        specs.append((str(default_embedding_model_path()), []))
+    registry = ModelRegistry()
+    try:
+        for path, names in specs:
+            loaded = load_model(path, dtype=settings.dtype, device=settings.device, progress=progress)
+            served = (serve_embedding if loaded.is_embedding else serve_generation)(loaded, names, settings)
+            registry.add(served)
+    except BaseException:
+        registry.close_now()
+        raise
+    return registry

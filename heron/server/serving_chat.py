@@ -57,6 +57,16 @@ class PreparedChat:
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
     """400 for what would change the output if Heron silently ignored it."""
+    # OpenAI fields Heron does not declare land in the extras (ignored, named in a header); these
+    # few would change what comes back, so they are refused instead.
+    extra = request.__pydantic_extra__ or {}
+    modalities = extra.get("modalities")
+    if isinstance(modalities, list) and any(m != "text" for m in modalities):
+        raise bad_request("This model produces text only; 'modalities' other than 'text' are not supported.", param="modalities")
+    if extra.get("audio") is not None:
+        raise bad_request("Audio output is not supported by this model.", param="audio")
+    if extra.get("web_search_options") is not None:
+        raise bad_request("Web search is not available on this server.", param="web_search_options")
     if request.tools and request.tool_choice != "none":
         raise bad_request(
             "Tool calling is not supported by this server yet; send the request without 'tools' "

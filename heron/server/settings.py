@@ -47,6 +47,7 @@ def _list(text: str) -> list[str]:
 @dataclass
 class ServerSettings:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct
+    models: list[str] = field(default_factory=list)  # more models: "PATH" or "PATH=name,alias"
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: list[str] = field(default_factory=list)
@@ -76,6 +77,13 @@ class ServerSettings:
 # name, flags, env, parser, help. `parser` turns a string (flag or env) into the value.
 _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
     ("host", ("--host",), "HERON_HOST", str, "address to bind (default 127.0.0.1)"),
+    (
+        "models",
+        ("--model",),
+        "HERON_MODELS",
+        None,
+        "serve another model too: PATH or PATH=name,alias (repeatable; env: semicolon-separated)",
+    ),
     ("port", ("--port",), "HERON_PORT", int, "port to bind (default 8000)"),
     ("api_key", ("--api-key",), "HERON_API_KEY", None, "require this bearer key; repeat for several (env: comma-separated)"),
     (
@@ -156,7 +164,10 @@ def build_parser(parser: argparse.ArgumentParser, environ: dict[str, str] | None
         default = getattr(defaults, name)
         if env_name in env:
             raw = env[env_name]
-            default = _list(raw) if convert is None else convert(raw)
+            if convert is None:
+                default = [p.strip() for p in raw.split(";") if p.strip()] if name == "models" else _list(raw)
+            else:
+                default = convert(raw)
         if convert is None:  # list option: repeat the flag; served names also take several values, as in vLLM
             nargs = "+" if name == "served_model_name" else None
             parser.add_argument(

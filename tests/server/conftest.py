@@ -97,9 +97,15 @@ def _stop(server: Server) -> str | None:
     return problem
 
 
-def _start(name: str, tmp_dir: Path, args: list[str], env: dict[str, str], **info) -> Server:
+def _start(
+    name: str, tmp_dir: Path, args: list[str], env: dict[str, str], *, uvicorn_app: str | None = None, **info
+) -> Server:
+    """Start `heron serve ARGS`, or with `uvicorn_app` the importable app under plain uvicorn."""
     port = _free_port()
-    argv = [*_heron_command(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    if uvicorn_app is None:
+        argv = [*_heron_command(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", uvicorn_app, "--host", "127.0.0.1", "--port", str(port), *args]
     log_path = tmp_dir / f"{name}-server.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

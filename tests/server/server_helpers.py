@@ -112,6 +112,17 @@ def completion_chunk_schema() -> dict[str, Any]:
     return schema
 
 
+def embedding_response_schema() -> dict[str, Any]:
+    """CreateEmbeddingResponse, with `embedding` also a string: the spec types it as numbers only,
+    yet `encoding_format: base64` (which the SDK itself asks for by default) returns base64 text."""
+    schema = component("CreateEmbeddingResponse")
+    item = schema["properties"]["data"]["items"]
+    if "$ref" in item:
+        item = schema["properties"]["data"]["items"] = component(item["$ref"].rsplit("/", 1)[1])
+    item["properties"]["embedding"] = {"anyOf": [item["properties"]["embedding"], {"type": "string"}]}
+    return schema
+
+
 _SCHEMAS: dict[str, dict[str, Any]] = {}
 
 
@@ -122,6 +133,9 @@ def _errors(instance: Any, name: str) -> list[str]:
         return schema_errors(instance, schema=schema)
     if name == "completion_chunk":
         schema = _SCHEMAS.setdefault(name, completion_chunk_schema())
+        return schema_errors(instance, schema=schema)
+    if name == "embedding_response":
+        schema = _SCHEMAS.setdefault(name, embedding_response_schema())
         return schema_errors(instance, schema=schema)
     return schema_errors(instance, name)
 
@@ -142,6 +156,8 @@ def _json_component(method: str, path: str, status: int) -> str | None:
         return "CreateChatCompletionResponse"
     if method == "POST" and path == COMPLETIONS_PATH:
         return "completion_response"
+    if method == "POST" and path == "/v1/embeddings":
+        return "embedding_response"
     if method == "GET" and path == "/v1/models":
         return "ListModelsResponse"
     if method == "GET" and path.startswith("/v1/models/"):

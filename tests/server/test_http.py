@@ -105,7 +105,8 @@ def test_models_list_and_retrieve(http, server):
     listing = ok_json(http.get("/v1/models"))
     assert listing["object"] == "list"
     ids = [card["id"] for card in listing["data"]]
-    assert ids == [DEFAULT_MODEL]
+    # With no model named, `heron serve` serves the bundled chat and embedding models.
+    assert ids == [DEFAULT_MODEL, "all-MiniLM-L6-v2"]
     card = listing["data"][0]
     assert card["object"] == "model" and card["owned_by"]
     retrieved = ok_json(http.get(f"/v1/models/{DEFAULT_MODEL}"))
@@ -624,6 +625,9 @@ INVALID_REQUESTS = [
     ("chat_functions", "POST", CHAT_PATH, _chat(functions=[TOOL["function"]]), 400, "functions", ANY),
     ("chat_response_format_json_object", "POST", CHAT_PATH, _chat(response_format={"type": "json_object"}), 400, "response_format*", ANY),
     ("chat_response_format_json_schema", "POST", CHAT_PATH, _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}), 400, "response_format*", ANY),
+    ("chat_audio_modality", "POST", CHAT_PATH, _chat(modalities=["text", "audio"]), 400, "modalities", ANY),
+    ("chat_audio_output", "POST", CHAT_PATH, _chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", ANY),
+    ("chat_web_search", "POST", CHAT_PATH, _chat(web_search_options={}), 400, "web_search_options", ANY),
     ("chat_image_part", "POST", CHAT_PATH, _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "What is this?"}, IMAGE_PART]}]), 400, "messages*", ANY),
     ("chat_audio_part", "POST", CHAT_PATH, _chat(messages=[{"role": "user", "content": [AUDIO_PART]}]), 400, "messages*", ANY),
     ("chat_file_part", "POST", CHAT_PATH, _chat(messages=[{"role": "user", "content": [FILE_PART]}]), 400, "messages*", ANY),

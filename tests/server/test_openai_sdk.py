@@ -127,7 +127,7 @@ def test_completion_stop_string(oai):
 
 def test_models_list_and_retrieve(oai):
     ids = [model.id for model in oai.models.list()]
-    assert ids == [DEFAULT_MODEL]
+    assert ids == [DEFAULT_MODEL, "all-MiniLM-L6-v2"]
     model = oai.models.retrieve(DEFAULT_MODEL)
     assert model.id == DEFAULT_MODEL and model.object == "model"
 
