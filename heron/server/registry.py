@@ -2,8 +2,8 @@
 
 `ServedModel` is everything a route needs to answer for one model; `ModelRegistry` resolves the
 `model` field of a request (any served name or alias) to it, or raises the 404 OpenAI sends.
-`load_served_models()` builds them from ServerSettings: with no model named, the bundled chat model
-and the bundled embedding model; otherwise the positional model and each `--model PATH[=NAMES]`,
+`load_served_models()` builds them from ServerSettings: the positional model, or with none the
+bundled chat and embedding models, plus each `--model PATH[=NAMES]`,
 as a generation model (engine core + AsyncEngine) or an embedding model (EmbeddingEngine + its
 micro-batching async face), by what the loaded checkpoint is.
 """
@@ -179,15 +179,15 @@ def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> Serve
 
 
 def load_served_models(settings: ServerSettings, progress: bool = True) -> ModelRegistry:
-    """Every model the settings name; with none named, the bundled chat and embedding models."""
+    """The positional model (or the two bundled ones) and every `--model`, loaded and started."""
     from heron.models.loader import load_model
 
-    specs: list[tuple[str | None, list[str]]] = []
-    if settings.model is not None or not settings.models:
-        specs.append((settings.model, list(settings.served_model_name)))
-    specs.extend(parse_model_spec(spec) for spec in settings.models)
-    if settings.model is None and not settings.models:
+    # The positional model (default: the bundled chat model) always; the bundled embedding model
+    # when no positional model is named; then every --model.
+    specs: list[tuple[str | None, list[str]]] = [(settings.model, list(settings.served_model_name))]
+    if settings.model is None:
         specs.append((str(default_embedding_model_path()), []))
+    specs.extend(parse_model_spec(spec) for spec in settings.models)
     registry = ModelRegistry()
     try:
         for path, names in specs:

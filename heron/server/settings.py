@@ -82,7 +82,7 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         ("--model",),
         "HERON_MODELS",
         None,
-        "serve another model too: PATH or PATH=name,alias (repeatable; env: semicolon-separated)",
+        "serve another model beside the main one: PATH or PATH=name,alias (repeatable; env: semicolon-separated)",
     ),
     ("port", ("--port",), "HERON_PORT", int, "port to bind (default 8000)"),
     ("api_key", ("--api-key",), "HERON_API_KEY", None, "require this bearer key; repeat for several (env: comma-separated)"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import _start, _stop
 from server_helpers import make_client
 
-from heron.models.bundled import default_chat_model_path
+from heron.models.bundled import default_chat_model_path, default_embedding_model_path
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -21,6 +21,8 @@ def test_uvicorn_runs_the_app_from_environment(tmp_path, response_checker):
             "HERON_MODEL": str(default_chat_model_path()),
             "HERON_SERVED_MODEL_NAME": "my-smol,smol",
             "HERON_MAX_MODEL_LEN": "512",
+            # A second model beside the main one, with its own served name.
+            "HERON_MODELS": f"{default_embedding_model_path()}=embedder",
         },
         uvicorn_app="heron.server.app:app",
         model="my-smol",
@@ -28,8 +30,10 @@ def test_uvicorn_runs_the_app_from_environment(tmp_path, response_checker):
     )
     try:
         with make_client(server.base_url, response_checker) as http:
-            # A model named explicitly is served alone (no bundled embedding model beside it).
-            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["my-smol", "smol"]
+            # A model named explicitly replaces the bundled pair; HERON_MODELS adds the encoder.
+            assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["my-smol", "smol", "embedder"]
+            vectors = http.post("/v1/embeddings", json={"model": "embedder", "input": ["a", "b"]})
+            assert vectors.status_code == 200 and len(vectors.json()["data"][1]["embedding"]) == 384
             reply = http.post(
                 "/v1/chat/completions",
                 json={
