@@ -1,0 +1,591 @@
+"""Serving benchmark: HTTP streaming load against an OpenAI-compatible server, next to the offline engine.
+
+What it measures, for each concurrency level C (default 1, 8, 32):
+
+- served: C concurrent clients (one shared httpx.AsyncClient, asyncio), each sending
+  `--requests-per-client` streaming POST /v1/completions (or /v1/chat/completions with
+  `--endpoint chat`) one after the other, with `max_tokens` 128, `temperature` 0, `ignore_eos`
+  (vLLM's extension; `--no-ignore-eos` for servers without it) and
+  `stream_options.include_usage` so output tokens are counted exactly (servers that send no usage
+  chunk are counted by content chunks). Every request has its own short prompt (~20-40 tokens), so
+  the prefix cache cannot flatter the numbers. Per request: TTFT = request sent -> first content
+  chunk; TPOT = (last content chunk - first content chunk) / (output tokens - 1). Per level:
+  output tokens/s = all output tokens / wall time of the level, and p50/p99 of TTFT and TPOT.
+- offline: Heron's in-process engine (`heron.LLM`, same `max_num_seqs`) generating C of the same
+  kind of prompts at once with the same sampling settings, tokens/s = generated tokens / wall time,
+  median of up to `--offline-repeats` runs (fewer where another would overrun `--offline-budget`).
+  It runs in a subprocess and never at the same time as a generating server: the script stops a
+  server it started before the offline runs. The ratio served/offline is the cost of the HTTP layer
+  (issue 4 asks for >= 0.85 at 32 clients).
+
+Without `--url` the script starts `heron serve` on the bundled default model on a free local port
+(`--max-num-seqs` = the largest concurrency), waits for GET /health, and stops it at the end. With
+`--url` it drives whatever server runs there (Heron, llama.cpp's `llama-server`, vLLM...). Failed
+requests are counted and their errors reported; they never stop the run.
+
+Usage:
+  python benchmarks/serving.py                                  # starts heron serve itself
+  python benchmarks/serving.py --concurrency 1 8 32 --max-tokens 128 --requests-per-client 2
+  python benchmarks/serving.py --url http://127.0.0.1:8080 --no-offline --no-ignore-eos   # e.g. llama.cpp
+  python benchmarks/serving.py --endpoint chat --duration 30   # chat API; each level runs 30 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# --------------------------------------------------------------------------------------------- prompts
+
+SUBJECTS = (
+    "a lighthouse keeper", "a retired astronaut", "a stubborn goat", "two rival bakers", "a lost robot",
+    "a village librarian", "a young cartographer", "an old fisherman", "a clockmaker's apprentice",
+    "a travelling musician", "a curious fox", "a night-shift nurse", "a beekeeper", "a chess prodigy",
+    "a ship's cat", "a desert botanist",
+)
+TASKS = (
+    "Write a short story about", "Describe a day in the life of", "Write a poem about",
+    "Explain to a child what happens to", "Write a diary entry by", "Invent a legend about",
+    "Write a letter from", "Tell a funny anecdote about",
+)
+DETAILS = (
+    "during a thunderstorm", "on the first day of spring", "in a city built on stilts", "after the power fails",
+    "on a train crossing the mountains", "at a noisy harbour market", "in a house full of clocks",
+    "while snow covers the valley", "on an island with no name", "beneath an orange autumn sky",
+)
+EXTRAS = (
+    "use vivid details", "keep the tone warm", "include one surprising twist", "mention a smell and a sound",
+    "end with a question", "avoid clichés", "write in the present tense", "give every character a name",
+)
+
+
+def make_prompt(index: int) -> str:
+    """A deterministic, distinct prompt of roughly 20-40 tokens; the index comes first so even the
+    first KV block differs between requests."""
+    rng = random.Random(index)
+    extras = ", ".join(rng.sample(EXTRAS, rng.randint(1, 3)))
+    return (
+        f"Request {index}. {rng.choice(TASKS)} {rng.choice(SUBJECTS)} {rng.choice(DETAILS)}. "
+        f"{extras[0].upper() + extras[1:]}."
+    )
+
+
+def make_prompts(start: int, count: int) -> list[str]:
+    return [make_prompt(start + i) for i in range(count)]
+
+
+# --------------------------------------------------------------------------------------------- stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def machine_description() -> str:
+    """CPU model, count and widest vector extension: bf16 speed on CPU hinges on the last."""
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("amx_bf16", "AMX-BF16")) if flag in flags]
+    return f"{cpu}, {os.cpu_count()} CPUs" + (f" ({', '.join(isa)})" if isa else "")
+
+
+def loadavg() -> str:
+    try:
+        return "/".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    output_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    latency_s: float = 0.0
+    usage_reported: bool = False
+    error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    results: list[RequestResult] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> list[RequestResult]:
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        tokens = sum(r.output_tokens for r in self.ok)
+        return tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+class Client:
+    """Sends one streaming request and times it; never raises (errors become a failed RequestResult)."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, args: argparse.Namespace, model: str | None):
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.args = args
+        self.model = model
+        self.path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
+
+    def payload(self, prompt: str, max_tokens: int) -> dict:
+        body: dict = {
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model is not None:
+            body["model"] = self.model
+        if self.args.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if self.args.ignore_eos:
+            body["ignore_eos"] = True
+        return body
+
+    async def request(self, prompt: str, max_tokens: int) -> RequestResult:
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.args.timeout):
+                return await self._stream(prompt, max_tokens, start)
+        except TimeoutError:
+            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"timed out after {self.args.timeout:g} s")
+        except httpx.HTTPError as e:
+            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # malformed stream content
+            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"bad stream: {type(e).__name__}: {e}")
+
+    async def _stream(self, prompt: str, max_tokens: int, start: float) -> RequestResult:
+        first = last = None
+        num_chunks = 0
+        usage_tokens = None
+        saw_done = False
+        async with self.http.stream("POST", self.base_url + self.path, json=self.payload(prompt, max_tokens)) as resp:
+            if resp.status_code != 200:
+                body = (await resp.aread()).decode("utf-8", "replace")
+                return RequestResult(False, latency_s=time.perf_counter() - start, error=f"HTTP {resp.status_code}: {body[:300]}")
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, ": keep-alive" comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    saw_done = True
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise ValueError(f"chunk is not an object: {data[:200]}")
+                if chunk.get("error"):
+                    error = f"error frame: {json.dumps(chunk['error'])[:300]}"
+                    return RequestResult(False, latency_s=time.perf_counter() - start, error=error)
+                now = time.perf_counter()
+                for choice in chunk.get("choices") or []:
+                    if self.args.endpoint == "chat":
+                        delta = choice.get("delta") or {}
+                        text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+                    else:
+                        text = choice.get("text") or ""
+                    if text:
+                        num_chunks += 1
+                        if first is None:
+                            first = now
+                        last = now
+                usage = chunk.get("usage")
+                if usage and usage.get("completion_tokens") is not None:
+                    usage_tokens = int(usage["completion_tokens"])
+        end = time.perf_counter()
+        if not saw_done:
+            return RequestResult(False, latency_s=end - start, error="stream ended without data: [DONE]")
+        tokens = usage_tokens if usage_tokens is not None else num_chunks
+        if first is None:  # a complete, empty answer (EOS first without ignore_eos): no TTFT or TPOT
+            return RequestResult(True, tokens, None, None, end - start, usage_tokens is not None)
+        tpot = (last - first) / (tokens - 1) if tokens > 1 else None
+        return RequestResult(True, tokens, first - start, tpot, end - start, usage_tokens is not None)
+
+
+async def run_level(client: Client, concurrency: int, prompts: list[str], args: argparse.Namespace) -> LevelResult:
+    """C clients in a closed loop: each sends its next request when its previous one ends."""
+    level = LevelResult(concurrency)
+    queue = iter(prompts)
+    deadline = None
+
+    async def worker(worker_index: int) -> None:
+        sent = 0
+        while True:
+            if args.duration is not None:
+                if time.perf_counter() >= deadline:
+                    return
+            elif sent >= args.requests_per_client:
+                return
+            prompt = next(queue, None)
+            if prompt is None:
+                prompt = make_prompt(10_000_000 + worker_index * 10_000 + sent)  # duration mode ran past the list
+            level.results.append(await client.request(prompt, args.max_tokens))
+            sent += 1
+
+    start = time.perf_counter()
+    if args.duration is not None:
+        deadline = start + args.duration
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    level.wall_s = time.perf_counter() - start
+    return level
+
+
+async def discover_model(http: httpx.AsyncClient, base_url: str) -> str | None:
+    try:
+        resp = await http.get(base_url.rstrip("/") + "/v1/models", timeout=10)
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+        print(f"  could not read /v1/models ({type(e).__name__}: {e}); sending no model name", file=sys.stderr)
+        return None
+
+
+async def run_served(
+    base_url: str, args: argparse.Namespace, level_prompts: dict[int, list[str]]
+) -> tuple[str | None, list[LevelResult], RequestResult]:
+    biggest = max(args.concurrency)
+    limits = httpx.Limits(max_connections=biggest + 8, max_keepalive_connections=biggest + 8)
+    timeout = httpx.Timeout(args.timeout, connect=30)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+        model = args.model or await discover_model(http, base_url)
+        client = Client(http, base_url, args, model)
+        warmup = await client.request(make_prompt(999_999), min(16, args.max_tokens))
+        status = "ok" if warmup.ok else f"FAILED: {warmup.error}"
+        print(f"  warm-up request: {status}", file=sys.stderr)
+        levels = []
+        for c in args.concurrency:
+            level = await run_level(client, c, level_prompts[c], args)
+            print(
+                f"  served C={c}: {len(level.ok)}/{len(level.results)} ok, {level.output_tokens_per_s:.1f} tok/s, "
+                f"{level.wall_s:.1f} s, load {loadavg()}",
+                file=sys.stderr,
+            )
+            levels.append(level)
+        return model, levels, warmup
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def heron_command() -> list[str]:
+    script = Path(sys.executable).parent / "heron"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "heron.cli"]
+
+
+class HeronServer:
+    """`heron serve` as a subprocess on a free port; output goes to a log file shown on failure."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="heron-serve-", suffix=".log", delete=False)
+        self.cmd = heron_command() + [
+            "serve", "--host", "127.0.0.1", "--port", str(self.port), "--max-num-seqs", str(args.max_num_seqs),
+            "--disable-log-requests",
+        ]
+        if args.dtype:
+            self.cmd += ["--dtype", args.dtype]
+        self.cmd += args.server_arg
+        self.proc: subprocess.Popen | None = None
+        self.startup_timeout = args.startup_timeout
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return Path(self.log.name).read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def start(self) -> None:
+        print(f"  starting: {' '.join(self.cmd)} (log: {self.log.name})", file=sys.stderr)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"heron serve exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"heron serve not healthy after {self.startup_timeout} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # Ctrl-C first (the clean shutdown path), then harder.
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"  heron serve still running after {sig.name}", file=sys.stderr)
+        if self.proc.returncode not in (0, -signal.SIGINT, 130):
+            print(f"  heron serve exited with status {self.proc.returncode} on shutdown:\n{self.log_tail()}", file=sys.stderr)
+
+    def remove_log(self) -> None:
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- offline
+
+
+def offline_worker(args: argparse.Namespace) -> None:
+    """Runs in its own process: LLM(max_num_seqs), then each batch size up to `--offline-repeats` times."""
+    from heron import LLM, SamplingParams
+
+    spec = json.loads(sys.stdin.read())
+    llm = LLM(dtype=args.dtype or "auto", max_num_seqs=args.max_num_seqs, progress=False)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+
+    def generate(prompts: list[str], p: SamplingParams):
+        if args.endpoint == "chat":
+            return llm.chat([[{"role": "user", "content": q}] for q in prompts], p)
+        return llm.generate(prompts, p)
+
+    generate(make_prompts(999_000, 2), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+    results = {}
+    for batch, runs in spec.items():
+        rates, spent = [], 0.0
+        for prompts in runs:
+            start = time.perf_counter()
+            outputs = generate(prompts, params)
+            elapsed = time.perf_counter() - start
+            spent += elapsed
+            rates.append(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
+            print(f"  offline batch {batch}: {rates[-1]:.1f} tok/s ({elapsed:.1f} s), load {loadavg()}",
+                  file=sys.stderr, flush=True)
+            if spent + elapsed > args.offline_budget:
+                break  # another run would overrun this batch size's time budget
+        results[batch] = rates
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+def run_offline(args: argparse.Namespace, level_prompts: dict[int, list[str]]) -> dict[int, list[float]]:
+    # Run k of batch C uses prompts [k*C, (k+1)*C) of the level's list: distinct within the offline
+    # engine, so its prefix cache does not help across repeats either.
+    spec = {}
+    for c in args.concurrency:
+        prompts = level_prompts[c]
+        spec[str(c)] = [prompts[k * c:(k + 1) * c] for k in range(args.offline_repeats)]
+    cmd = [
+        sys.executable, __file__, "--offline-worker", "--max-num-seqs", str(args.max_num_seqs),
+        "--max-tokens", str(args.max_tokens), "--endpoint", args.endpoint, "--offline-budget", str(args.offline_budget),
+    ]
+    if args.dtype:
+        cmd += ["--dtype", args.dtype]
+    proc = subprocess.run(cmd, input=json.dumps(spec), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {int(k): v for k, v in json.loads(line[len("RESULT "):]).items()}
+    print(f"  offline run failed (exit status {proc.returncode}); see its output above", file=sys.stderr)
+    return {}
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def fmt_s(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.2f} s"
+
+
+def fmt_ms(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x * 1000:.1f} ms"
+
+
+def report(args, target: str, model: str | None, levels: list[LevelResult], offline: dict[int, list[float]],
+           warmup: RequestResult | None, load_start: str) -> None:
+    print()
+    eos = "ignore_eos" if args.ignore_eos else "no ignore_eos"
+    amount = f"{args.duration:g} s per level" if args.duration is not None else f"{args.requests_per_client} requests per client"
+    print(
+        f"Machine: {machine_description()}; load avg at start {load_start}, at end {loadavg()}. "
+        f"Server: {target}; model: {model or 'unknown'}. "
+        f"Endpoint /v1/{'chat/completions' if args.endpoint == 'chat' else 'completions'}, streaming, "
+        f"max_tokens={args.max_tokens}, {eos}, temperature=0, {amount}, max_num_seqs={args.max_num_seqs}. "
+        + ("Offline: heron.LLM, batch = concurrency, median of "
+           + ", ".join(f"{len(v)} run(s) at batch {c}" for c, v in offline.items()) + "."
+           if offline else "Offline: not measured.")
+    )
+    print()
+    print("| concurrency | requests | output tok/s served | offline tok/s | served/offline "
+          "| TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for level in levels:
+        ok = level.ok
+        ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+        tpots = [r.tpot_s for r in ok if r.tpot_s is not None]
+        requests = f"{len(ok)}" if not level.failed else f"{len(ok)}/{len(level.results)} ({len(level.failed)} failed)"
+        served = level.output_tokens_per_s
+        rates = offline.get(level.concurrency)
+        off = statistics.median(rates) if rates else None
+        ratio = f"{served / off:.2f}" if off and ok else "-"
+        print(
+            f"| {level.concurrency} | {requests} | {served:.1f} | {f'{off:.1f}' if off else '-'} | {ratio} | "
+            f"{fmt_s(percentile(ttfts, 50))} | {fmt_s(percentile(ttfts, 99))} | "
+            f"{fmt_ms(percentile(tpots, 50))} | {fmt_ms(percentile(tpots, 99))} |"
+        )
+    print()
+
+    notes = []
+    if warmup is not None and not warmup.ok:
+        notes.append(f"warm-up request failed: {warmup.error}")
+    for level in levels:
+        errors: dict[str, int] = {}
+        for r in level.failed:
+            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
+        for error, count in errors.items():
+            notes.append(f"C={level.concurrency}: {count} failed request(s): {error}")
+        if args.ignore_eos:
+            short = [r.output_tokens for r in level.ok if r.output_tokens != args.max_tokens]
+            if short:
+                notes.append(f"C={level.concurrency}: {len(short)} response(s) with {sorted(set(short))} output tokens "
+                             f"instead of max_tokens={args.max_tokens} despite ignore_eos")
+        empty = sum(1 for r in level.ok if r.ttft_s is None)
+        if empty:
+            notes.append(f"C={level.concurrency}: {empty} complete response(s) with no content (no TTFT/TPOT for them)")
+        no_usage = sum(1 for r in level.ok if not r.usage_reported)
+        if no_usage:
+            notes.append(f"C={level.concurrency}: {no_usage} response(s) without a usage chunk; tokens counted as content chunks")
+    for note in notes:
+        print(f"- {note}")
+
+    by_c = {level.concurrency: level for level in levels}
+    if 32 in by_c and by_c[32].ok and offline.get(32):
+        level = by_c[32]
+        ratio = level.output_tokens_per_s / statistics.median(offline[32])
+        ttft = percentile([r.ttft_s for r in level.ok if r.ttft_s is not None], 50)
+        print(
+            f"- issue 4 target at 32 clients: served/offline {ratio:.2f} "
+            f"(needs >= 0.85: {'met' if ratio >= 0.85 else 'NOT met'}), "
+            f"TTFT p50 {ttft:.2f} s (needs < 1.5 s: {'met' if ttft < 1.5 else 'NOT met'})"
+        )
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default=None, help="base URL of a running server; default: start `heron serve` here")
+    parser.add_argument("--model", default=None, help="model name to send (default: the first id of GET /v1/models)")
+    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=None, help="seconds per level instead of a request count")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="for servers without vLLM's ignore_eos")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per request")
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="server and offline engine (default: the largest concurrency)")
+    parser.add_argument("--dtype", default=None, help="passed to heron serve and the offline engine (default: theirs)")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra argument for heron serve (repeatable)")
+    parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--no-offline", dest="offline", action="store_false", help="skip the offline engine measurement")
+    parser.add_argument("--offline-repeats", type=int, default=3, help="most offline runs per batch size; the median is reported")
+    parser.add_argument("--offline-budget", type=float, default=60,
+                        help="seconds per batch size: no further offline run starts that would likely overrun it")
+    parser.add_argument("--offline-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.concurrency = sorted(set(args.concurrency))
+    if min(args.concurrency) < 1 or args.max_tokens < 1 or args.requests_per_client < 1 or args.offline_repeats < 1:
+        parser.error("concurrency, max tokens, requests per client and offline repeats must be positive")
+    if args.max_num_seqs is None:
+        args.max_num_seqs = max(args.concurrency)
+    if args.offline_worker:
+        offline_worker(args)
+        return 0
+
+    load_start = loadavg()
+    # Distinct prompts per level (and enough for the offline repeats): a level never reuses another's.
+    per_level = max(args.requests_per_client, args.offline_repeats)
+    level_prompts, next_index = {}, 0
+    for c in args.concurrency:
+        level_prompts[c] = make_prompts(next_index, c * per_level)
+        next_index += c * per_level
+
+    server = None
+    if args.url:
+        base_url, target = args.url, args.url
+    else:
+        server = HeronServer(args)
+        base_url, target = server.url, "heron serve (started by this script)"
+    model, levels, warmup = None, [], None
+    try:
+        if server is not None:
+            try:
+                server.start()
+            except RuntimeError as e:
+                print(f"could not start the server: {e}", file=sys.stderr)
+                return 1
+        try:
+            model, levels, warmup = asyncio.run(run_served(base_url, args, level_prompts))
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+    finally:
+        if server is not None:
+            server.stop()  # before the offline runs: the two must not share the CPUs
+            server.remove_log()
+    # With --url the server stays up, idle: it only generated while the levels above ran.
+    offline = run_offline(args, level_prompts) if args.offline else {}
+    report(args, target, model, levels, offline, warmup, load_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
