@@ -37,10 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from heron import __version__
 from heron.server.errors import APIError, bad_request, unknown_fields_error, validation_error
 from heron.server.protocol import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     DetokenizeRequest,
@@ -593,13 +591,13 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         else:
             prompt = parsed.prompt
         tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+        # Only the prompt form has vLLM's `return_token_strs`.
+        want_strs = isinstance(parsed, TokenizeCompletionRequest) and parsed.return_token_strs
         response = TokenizeResponse(
             count=len(tokens),
             max_model_len=model.max_model_len,
             tokens=tokens,
-            token_strs=model.tokenizer.convert_ids_to_tokens(tokens) if parsed.return_token_strs else None,
-        ) if isinstance(parsed, TokenizeCompletionRequest) else TokenizeResponse(
-            count=len(tokens), max_model_len=model.max_model_len, tokens=tokens
+            token_strs=model.tokenizer.convert_ids_to_tokens(tokens) if want_strs else None,
         )
         return JSONResponse(response.model_dump(), headers=_headers(unknown))
 
@@ -671,8 +669,6 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             "/detokenize": (DetokenizeRequest, DetokenizeResponse),
         },
     )
-    # Stream chunk shapes are documented beside the responses for client generators.
-    _ = (ChatCompletionChunk, CompletionChunk)
 
     if settings.allowed_origins:
         app.add_middleware(

@@ -125,9 +125,7 @@ def _param_path(loc: tuple[Any, ...], body: Any, keep_last: bool) -> str | None:
         elif isinstance(step, str) and isinstance(node, dict) and (step in node or (last and keep_last)):
             parts.append(f".{step}" if parts else step)
             node = node.get(step)
-        elif isinstance(step, str) and isinstance(node, dict) and step == "[key]":
-            continue
-        # anything else is a tag or marker: skip it
+        # anything else is a tag or marker ('user', 'array', '[key]'): skip it
     return "".join(parts) or None
 
 
@@ -137,7 +135,7 @@ def _number(value: Any) -> str:
     return str(value)
 
 
-def _describe(error: dict[str, Any], param: str | None, body: Any) -> tuple[str, str | None]:
+def _describe(error: dict[str, Any], param: str | None) -> tuple[str, str | None]:
     """(message, code) in OpenAI's wording for one pydantic error."""
     kind = error["type"]
     ctx = error.get("ctx") or {}
@@ -221,7 +219,7 @@ def validation_error(exc: ValidationError, body: Any) -> APIError:
             discriminator = str((error.get("ctx") or {}).get("discriminator", "")).strip("'")
             if discriminator.isidentifier():
                 param = f"{param}.{discriminator}" if param else discriminator
-    message, code = _describe(error, param, body)
+    message, code = _describe(error, param)
     return APIError(400, message, param=param, code=code)
 
 

@@ -26,18 +26,17 @@ from heron.server.protocol import (
     ChatCompletionResponseStreamChoice,
     ChoiceDelta,
 )
-from heron.server.protocol.common import now_unix
 from heron.server.registry import ServedModel
 from heron.server.serving_common import (
     SSE_DONE,
     TokenText,
     chat_logprobs,
     check_context,
+    chunk_writer,
     random_id,
     request_error_from,
     sampling_params,
     shown_logprobs,
-    sse,
     sse_error,
     usage,
 )
@@ -151,6 +150,10 @@ def _finish_reason(reason: FinishReason) -> str:
     return reason.value
 
 
+def _usage(prepared: PreparedChat, final: RequestOutput):
+    return usage(len(prepared.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
+
+
 async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOutput]) -> ChatCompletionResponse:
     final = None
     async for output in outputs:
@@ -181,34 +184,16 @@ async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOu
         model=prepared.request.model,
         system_fingerprint=prepared.model.system_fingerprint,
         choices=choices,
-        usage=usage(
-            len(prepared.prompt_token_ids),
-            sum(len(c.token_ids) for c in final.outputs),
-            final.num_cached_tokens,
-        ),
+        usage=_usage(prepared, final),
     )
 
 
 async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
     request = prepared.request
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    created = now_unix()
+    chunk = chunk_writer(ChatCompletionChunk, prepared, include_usage)
     text = TokenText(prepared.model.tokenizer)
     n = prepared.params.n
-
-    def chunk(choices: list[ChatCompletionResponseStreamChoice], **extra) -> bytes:
-        if include_usage and "usage" not in extra:
-            extra["usage"] = None
-        return sse(
-            ChatCompletionChunk(
-                id=prepared.response_id,
-                created=created,
-                model=request.model,
-                system_fingerprint=prepared.model.system_fingerprint,
-                choices=choices,
-                **extra,
-            ).model_dump_json()
-        )
 
     finished: set[int] = set()
     final: RequestOutput | None = None
@@ -250,14 +235,7 @@ async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                         ]
                     )
         if include_usage and final is not None:
-            yield chunk(
-                [],
-                usage=usage(
-                    len(prepared.prompt_token_ids),
-                    sum(len(c.token_ids) for c in final.outputs),
-                    final.num_cached_tokens,
-                ),
-            )
+            yield chunk([], usage=_usage(prepared, final))
     except Exception as exc:  # after the first byte the status is sent: report in the stream
         yield sse_error(request_error_from(exc))
     finally:

@@ -9,9 +9,8 @@ several engine streams (n prompts of one completion request) into one ordered st
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from heron.outputs import FinishReason, RequestOutput, TokenLogprob
@@ -25,6 +24,7 @@ from heron.server.protocol import (
     PromptTokensDetails,
     TopLogprob,
 )
+from heron.server.protocol.common import now_unix
 from heron.server.registry import ServedModel
 
 
@@ -217,6 +217,28 @@ def sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def chunk_writer(chunk_class: type, prepared: Any, include_usage: bool) -> Callable[..., bytes]:
+    """An SSE frame builder for one streamed response: every chunk shares id, created, model and
+    fingerprint, and with `include_usage` carries `usage: null` unless it is the usage chunk."""
+    created = now_unix()
+
+    def frame(choices: list, **extra: Any) -> bytes:
+        if include_usage and "usage" not in extra:
+            extra["usage"] = None
+        return sse(
+            chunk_class(
+                id=prepared.response_id,
+                created=created,
+                model=prepared.request.model,
+                system_fingerprint=prepared.model.system_fingerprint,
+                choices=choices,
+                **extra,
+            ).model_dump_json()
+        )
+
+    return frame
+
+
 def sse_error(error: APIError) -> bytes:
     return sse(ErrorResponse(error=error.detail()).model_dump_json())
 
@@ -273,7 +295,3 @@ async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIte
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

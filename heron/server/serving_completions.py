@@ -24,18 +24,17 @@ from heron.server.protocol import (
     CompletionResponseChoice,
     CompletionResponseStreamChoice,
 )
-from heron.server.protocol.common import now_unix
 from heron.server.registry import ServedModel
 from heron.server.serving_common import (
     SSE_DONE,
     TokenText,
     check_context,
+    chunk_writer,
     completion_logprob_lists,
     random_id,
     request_error_from,
     sampling_params,
     shown_logprobs,
-    sse,
     sse_error,
     usage,
 )
@@ -203,23 +202,9 @@ async def completion_stream(
     """SSE frames; `best_of > n` cannot stream (the protocol layer refuses it)."""
     request = prepared.request
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    created = now_unix()
+    chunk = chunk_writer(CompletionChunk, prepared, include_usage)
     text = TokenText(prepared.model.tokenizer)
     n = prepared.n
-
-    def chunk(choices: list[CompletionResponseStreamChoice], **extra) -> bytes:
-        if include_usage and "usage" not in extra:
-            extra["usage"] = None
-        return sse(
-            CompletionChunk(
-                id=prepared.response_id,
-                created=created,
-                model=request.model,
-                system_fingerprint=prepared.model.system_fingerprint,
-                choices=choices,
-                **extra,
-            ).model_dump_json()
-        )
 
     # Per choice: text offset so far (for logprobs), whether the echo went out, whether it finished.
     offsets: dict[int, int] = {}

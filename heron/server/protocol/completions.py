@@ -29,8 +29,9 @@ from heron.server.protocol.common import (
 # "<|endoftext|>", a GPT-tokenizer artefact with no meaning for other vocabularies: we require it.
 
 
-def _prompt_form(value: Any) -> str | None:
-    # Tag by shape so a bad item is reported once, in the form the caller meant.
+def prompt_form(value: Any) -> str | None:
+    """Which of the four prompt forms `value` is: tagging by shape reports a bad item once, in the
+    form the caller meant. /v1/embeddings' `input` takes the same four forms."""
     if isinstance(value, str):
         return "text"
     if not isinstance(value, list):
@@ -51,7 +52,7 @@ Prompt = Annotated[
         ],
     ],
     Discriminator(
-        _prompt_form,
+        prompt_form,
         custom_error_type="prompt_type",
         custom_error_message=(
             "Input should be a string, an array of strings, an array of tokens or an array of token arrays"

@@ -8,23 +8,14 @@ spec's four forms, with its limits: at most 2048 items, no empty string or empty
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from heron.server.protocol.common import OpenAIRequestModel, OpenAIResponseModel, TokenId, invalid_request
+from heron.server.protocol.completions import prompt_form
 
 MAX_INPUTS = 2048
-
-
-def _input_form(value: Any) -> str | None:
-    if isinstance(value, str):
-        return "text"
-    if not isinstance(value, list):
-        return None
-    if not value or isinstance(value[0], str):
-        return "texts"
-    return "token_lists" if isinstance(value[0], list) else "tokens"
 
 
 EmbeddingInput = Annotated[
@@ -38,7 +29,7 @@ EmbeddingInput = Annotated[
         ],
     ],
     Discriminator(
-        _input_form,
+        prompt_form,
         custom_error_type="prompt_type",
         custom_error_message=(
             "Input should be a string, an array of strings, an array of tokens or an array of token arrays"
