@@ -6,16 +6,64 @@ to show a user, which the server turns into a 400.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the engine knobs need no torch at import time
+    import torch
 
 MAX_LOGPROBS = 20
 
 # Hook for constrained decoding: given the tokens generated so far, return a bool mask over the
 # vocabulary (True = allowed) or None for "no constraint this step".
 AllowedTokensFn = Callable[[list[int]], "torch.Tensor | None"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """What the generated text must match; exactly one of the forms is set.
+
+    heron.structured compiles it into a grammar that masks the vocabulary at every step, so the
+    output is guaranteed to match (unless max_tokens cuts it short).
+    """
+
+    json: dict[str, Any] | str | None = None  # a JSON Schema, as a dict or its JSON text
+    json_object: bool = False  # any single JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # exactly one of these strings
+    grammar: str | None = None  # a Lark grammar, or GBNF / EBNF as llama.cpp writes it
+    # JSON Schema only: False ignores keywords the compiler does not implement instead of refusing.
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.choice is not None and not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        forms = [
+            name
+            for name, value in (
+                ("json", self.json is not None),
+                ("json_object", self.json_object),
+                ("regex", self.regex is not None),
+                ("choice", self.choice is not None),
+                ("grammar", self.grammar is not None),
+            )
+            if value
+        ]
+        if len(forms) != 1:
+            raise ValueError(
+                "structured outputs need exactly one of json, json_object, regex, choice or grammar; "
+                + (f"got {', '.join(forms)}" if forms else "got none")
+            )
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of strings")
+
+    def cache_key(self) -> str:
+        """A canonical text of the spec, for caching compiled grammars."""
+        return json.dumps(
+            [self.json, self.json_object, self.regex, self.choice, self.grammar, self.strict], sort_keys=True
+        )
 
 
 @dataclass
@@ -40,6 +88,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k: the sampled token plus k alternatives
     prompt_logprobs: int | None = None
     allowed_tokens_fn: AllowedTokensFn | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

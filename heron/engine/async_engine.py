@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from heron.engine.core import EngineCore
 from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
-from heron.sampling_params import SamplingParams
+from heron.sampling_params import SamplingParams, StructuredOutputsParams
+from heron.structured import CompiledGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class _Stream:
 class _Add:
     stream: _Stream
     cache_salt: str | None
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass
@@ -206,15 +208,21 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         cache_salt: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield every RequestOutput delta of one request; the last has `finished=True`.
+
+        A request with structured outputs has its grammar compiled on a worker thread first (or
+        passes `grammar` from `compile_grammar`), so the engine thread never waits on a compiler.
 
         Raises ValueError before yielding anything if the core rejects the request, and
         EngineDeadError if the engine is dead or shut down (or dies while this runs). Leaving the
         iteration early (break, cancellation, aclose) aborts the request.
         """
+        if params.structured_outputs is not None and grammar is None:
+            grammar = await self.compile_grammar(params.structured_outputs)
         stream = _Stream(request_id, list(prompt_token_ids), params, asyncio.get_running_loop())
-        self._submit(_Add(stream, cache_salt))
+        self._submit(_Add(stream, cache_salt, grammar))
         done = False
         try:
             while True:
@@ -236,6 +244,10 @@ class AsyncEngine:
                 # The consumer left early (disconnect, cancel): free the request's KV blocks. This
                 # must not await, since it may run while a GeneratorExit is unwinding us.
                 self._enqueue(_Abort(request_id, stream))
+
+    async def compile_grammar(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """Compile a structured-output spec on a worker thread; raises GrammarError (a ValueError)."""
+        return await asyncio.to_thread(self.core.grammar_compiler.compile, spec)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; applied before the next step. Its iterator ends with an ABORT output."""
@@ -300,7 +312,9 @@ class AsyncEngine:
         if isinstance(command, _Add):
             stream = command.stream
             try:
-                self.core.add_request(stream.request_id, stream.prompt_token_ids, stream.params, command.cache_salt)
+                self.core.add_request(
+                    stream.request_id, stream.prompt_token_ids, stream.params, command.cache_salt, command.grammar
+                )
             except Exception as exc:  # bad input (ValueError): it belongs to that caller alone
                 deliveries.setdefault(stream.loop, []).append((stream.queue, exc))
                 return

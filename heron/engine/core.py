@@ -17,11 +17,12 @@ import torch
 from heron.config import CacheConfig, SchedulerConfig
 from heron.engine.detokenizer import Detokenizer
 from heron.engine.kv_cache import KVCache
-from heron.engine.request import Request, RequestStatus
+from heron.engine.request import Request
 from heron.engine.scheduler import Scheduler
 from heron.models.loader import LoadedModel
 from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
+from heron.structured import CompiledGrammar, GrammarCompiler
 from heron.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class EngineCore:
             loaded.dtype,
             loaded.device,
             self.eos_token_ids,
+            arch.vocab_size,
         )
+        self._grammar_compiler = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[str, int]] = {}
 
@@ -121,9 +124,21 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The model's compiler for structured outputs (thread-safe: AsyncEngine compiles off-thread)."""
+        return self._grammar_compiler
+
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
+        """`grammar`: the CompiledGrammar of params.structured_outputs if the caller compiled it off
+        this thread already (AsyncEngine does); otherwise it is compiled here."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.loaded.arch_config.vocab_size
@@ -131,6 +146,8 @@ class EngineCore:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[0]}")
         self.scheduler.check_prompt(len(prompt_token_ids))
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.grammar_compiler.compile(params.structured_outputs)
         samples = []
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -146,6 +163,7 @@ class EngineCore:
                 cache_salt=cache_salt,
                 generator=generator,
                 eos_token_ids=self.eos_token_ids,
+                grammar=grammar.matcher() if grammar is not None else None,
             )
             detokenizer = Detokenizer(
                 self.tokenizer,

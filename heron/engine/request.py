@@ -40,6 +40,8 @@ class Request:
     generator: Any = None
     # Tokens that end the request unless ignore_eos (the model's EOS ids).
     eos_token_ids: tuple[int, ...] = ()
+    # llguidance matcher of a structured-output request: which tokens may come next.
+    grammar: Any = None
     finish_reason: Any = None  # heron.outputs.FinishReason once finished
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 

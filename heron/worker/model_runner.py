@@ -3,19 +3,25 @@
 SchedulerOutput (requests and how many tokens each advances) -> ForwardBatch tensors (decodes first,
 then prefill chunks; cache slots from each request's block table) -> model -> logits for the rows
 that end a request's known tokens -> Sampler -> ModelRunnerOutput. The runner owns the KV cache
-tensors; the scheduler owns which blocks each request may use.
+tensors; the scheduler owns which blocks each request may use. Requests decoding under a grammar
+(structured outputs) get their token masks computed while the forward pass runs, and their grammar
+state advanced by the token they sample.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from heron.engine.request import Request
 from heron.outputs import TokenLogprob
+from heron.structured.bitmask import GrammarBitmask
 from heron.worker.forward_batch import ForwardBatch, PrefillSpan
 from heron.worker.sampler import Sampler, SamplingRow, token_logprobs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,8 +61,10 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         eos_token_ids: tuple[int, ...],
+        vocab_size: int,
     ):
         self.model = model
+        self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -69,6 +77,7 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
         self.sampler = Sampler()
+        self._grammar_masks: GrammarBitmask | None = None  # made when the first grammar request runs
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
@@ -145,6 +154,25 @@ class ModelRunner:
         )
         return batch, order, logits_rows
 
+    def _sampled_requests(self, out: SchedulerOutput) -> list[Request]:
+        """Requests whose chunk this step reaches the end of their known tokens: they sample."""
+        return [s.request for s in out.scheduled if s.request.num_computed_tokens + s.num_tokens == s.request.num_tokens]
+
+    def _start_grammar_masks(self, requests: list[Request]):
+        matchers = []
+        for req in requests:
+            matcher = req.grammar
+            if matcher is not None and matcher.is_error():
+                # Only a token outside the mask can get here; keep the request alive, unconstrained.
+                logger.error("request %s: grammar state failed (%s); decoding unconstrained", req.request_id, matcher.get_error())
+                req.grammar = matcher = None
+            matchers.append(matcher)
+        if not any(m is not None for m in matchers):
+            return matchers, None
+        if self._grammar_masks is None:
+            self._grammar_masks = GrammarBitmask(self.vocab_size)
+        return matchers, self._grammar_masks.start(matchers)
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         batch, order, logits_rows = self.build_batch(out)
@@ -152,6 +180,8 @@ class ModelRunner:
         if not logits_rows:
             self.model(batch)
             return result
+        # Masks are computed on another thread while the model runs.
+        matchers, pending_masks = self._start_grammar_masks(self._sampled_requests(out))
         hidden = self.model(batch)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         row_of = {r: i for i, r in enumerate(logits_rows)}
@@ -173,6 +203,11 @@ class ModelRunner:
             offset += s.num_tokens
 
         if sample_reqs:
+            masks = {}
+            if pending_masks is not None:
+                sampled_in_schedule_order = self._sampled_requests(out)
+                for req, mask in zip(sampled_in_schedule_order, self._grammar_masks.wait(pending_masks, matchers)):
+                    masks[req.request_id] = mask
             rows = [
                 SamplingRow(
                     params=req.sampling_params,
@@ -180,6 +215,7 @@ class ModelRunner:
                     output_token_ids=req.output_token_ids,
                     eos_token_ids=self.eos_token_ids,
                     generator=req.generator,
+                    grammar_mask=masks.get(req.request_id),
                 )
                 for req in sample_reqs
             ]
@@ -188,6 +224,8 @@ class ModelRunner:
                 result.sampled_token_ids[req.request_id] = token_id
                 if lp is not None:
                     result.logprobs[req.request_id] = lp
+                if req.grammar is not None:
+                    req.grammar.consume_token(token_id)
         return result
 
     def _prompt_logprobs(self, req: Request, logits: torch.Tensor, rows: list[int]) -> list[TokenLogprob | None]:

@@ -26,6 +26,8 @@ class SamplingRow:
     output_token_ids: list[int]
     eos_token_ids: tuple[int, ...]
     generator: torch.Generator | None
+    # Structured outputs: the tokens the row's grammar allows next (bool over the vocabulary).
+    grammar_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,10 +61,17 @@ def _apply_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             if len(ids):
                 bias = torch.tensor([p.logit_bias[t] for t in ids.tolist()], device=logits.device)
                 logits[i, ids] += bias
+        banned = []
         if len(row.output_token_ids) < p.min_tokens:
             banned = [t for t in (*(() if p.ignore_eos else row.eos_token_ids), *p.stop_token_ids) if t < vocab]
-            if banned:
-                logits[i, banned] = float("-inf")
+        if row.grammar_mask is not None and row.grammar_mask.any():
+            allowed = row.grammar_mask.to(logits.device)
+            if banned and not allowed.clone().index_fill_(0, torch.tensor(banned, device=allowed.device), False).any():
+                # The grammar is complete and allows only an end token: it wins over min_tokens.
+                banned = []
+            logits[i].masked_fill_(~allowed, float("-inf"))
+        if banned:
+            logits[i, banned] = float("-inf")
         if p.allowed_tokens_fn is not None:
             allowed = p.allowed_tokens_fn(row.output_token_ids)
             if allowed is not None:
