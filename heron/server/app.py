@@ -52,10 +52,16 @@ from heron.server.protocol import (
 )
 from heron.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from heron.server.registry import ModelRegistry, ServedModel, load_served_models
-from heron.server.serving_chat import chat_response, chat_stream, prepare_chat, render_chat_prompt
+from heron.server.serving_chat import chat_response, chat_stream, compile_chat, prepare_chat, render_chat_prompt
 from heron.server.serving_common import SSE_HEADERS, merge_streams, request_error_from
-from heron.server.serving_completions import completion_response, completion_stream, prepare_completion
+from heron.server.serving_completions import (
+    compile_completion,
+    completion_response,
+    completion_stream,
+    prepare_completion,
+)
 from heron.server.settings import ServerSettings
+from heron.server.tool_calls import ToolPlan
 
 logger = logging.getLogger("heron.server")
 
@@ -439,9 +445,12 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         parsed, unknown = await parse(request, ChatCompletionRequest)
         model = generation_model(parsed.model)
         prepared = prepare_chat(parsed, model, settings.seed)
+        await compile_chat(prepared)
         headers = _headers(unknown)
         with admission.slot():
-            outputs = model.engine.generate(prepared.prompt_token_ids, prepared.params, prepared.response_id)
+            outputs = model.engine.generate(
+                prepared.prompt_token_ids, prepared.params, prepared.response_id, grammar=prepared.grammar
+            )
             if parsed.stream:
                 return _stream(
                     request, _with_keepalive(chat_stream(prepared, outputs), settings.sse_keepalive), headers, admission,
@@ -466,10 +475,13 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         parsed, unknown = await parse(request, CompletionRequest)
         model = generation_model(parsed.model)
         prepared = prepare_completion(parsed, model, settings.seed)
+        await compile_completion(prepared)
         headers = _headers(unknown)
         with admission.slot():
             streams = [
-                model.engine.generate(prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}")
+                model.engine.generate(
+                    prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}", grammar=prepared.grammar
+                )
                 for i, prompt in enumerate(prepared.prompts)
             ]
             merged = merge_streams(streams)
@@ -579,14 +591,20 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         parsed, unknown = await parse(request, tokenize_request_adapter)
         model = models().get(parsed.model)
         if isinstance(parsed, TokenizeChatRequest):
+            tools = None
             if parsed.tools:
-                raise bad_request("Tool calling is not supported by this server yet.", param="tools")
+                # The prompt a chat request with these tools (tool_choice "auto") would get.
+                tools = ToolPlan(
+                    [tool.model_dump(exclude_none=True) for tool in parsed.tools], "auto", None, True, False,
+                    model.tool_call_parser,
+                )
             prompt = render_chat_prompt(
                 model,
                 parsed.messages,
                 add_generation_prompt=parsed.add_generation_prompt and not parsed.continue_final_message,
                 continue_final_message=parsed.continue_final_message,
                 chat_template_kwargs=parsed.chat_template_kwargs,
+                tools=tools,
             )
         else:
             prompt = parsed.prompt

@@ -22,6 +22,7 @@ from heron.models.bundled import (
     default_chat_model_path,
     default_embedding_model_path,
 )
+from heron.parsers import detect_tool_parser, get_tool_parser
 from heron.server.errors import model_not_found
 from heron.server.settings import ServerSettings
 
@@ -41,6 +42,7 @@ class ServedModel:
     generation_defaults: dict = field(default_factory=dict)
     fim_tokens: tuple[int, int, int] | None = None  # prefix, suffix, middle ids when the vocab has them
     memory_bytes: int = 0  # weights, plus the KV cache for generation models
+    tool_call_parser: str = "hermes"  # a heron.parsers name: how tool calls are read from the text
 
     @property
     def name(self) -> str:
@@ -139,6 +141,8 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         template = ChatTemplate(loaded.chat_template, special_tokens=tokenizer.special_tokens)
     else:
         template = None
+    parser = settings.tool_call_parser or detect_tool_parser(template.source if template is not None else None)
+    get_tool_parser(parser)  # an unknown name fails at start-up, not on the first tool request
     engine = AsyncEngine(core)
     engine.start()
     return ServedModel(
@@ -154,6 +158,7 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         generation_defaults=dict(loaded.generation.sampling),
         fim_tokens=_fim_tokens(tokenizer),
         memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
+        tool_call_parser=parser,
     )
 
 

@@ -18,6 +18,7 @@ from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol import (
     ChatCompletionChunk,
+    ChatCompletionMessageToolCall,
     ChatCompletionLogprobs,
     ChatCompletionMessage,
     ChatCompletionRequest,
@@ -25,8 +26,22 @@ from heron.server.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChoiceDelta,
+    ChoiceDeltaFunctionCall,
+    ChoiceDeltaToolCall,
+    ChoiceDeltaToolCallFunction,
+    FunctionCall,
 )
 from heron.server.registry import ServedModel
+from heron.server.structured_outputs import Constraint, compile_constraint, constraint_from
+from heron.server.tool_calls import (
+    ToolCallExtractor,
+    ToolPlan,
+    conversation_for_template,
+    plan_tools,
+    tool_constraint,
+    tool_schemas_to_check,
+)
+from heron.structured import CompiledGrammar
 from heron.server.serving_common import (
     SSE_DONE,
     TokenText,
@@ -52,6 +67,12 @@ class PreparedChat:
     prompt_token_ids: list[int]
     params: SamplingParams
     top_logprobs: int | None  # None: no logprobs
+    tools: ToolPlan | None = None
+    constraint: Constraint | None = None
+    grammar: CompiledGrammar | None = None  # set by compile_chat
+
+    def extractor(self) -> ToolCallExtractor | None:
+        return ToolCallExtractor(self.tools) if self.tools is not None else None
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
@@ -66,22 +87,6 @@ def _reject_unsupported(request: ChatCompletionRequest) -> None:
         raise bad_request("Audio output is not supported by this model.", param="audio")
     if extra.get("web_search_options") is not None:
         raise bad_request("Web search is not available on this server.", param="web_search_options")
-    if request.tools and request.tool_choice != "none":
-        raise bad_request(
-            "Tool calling is not supported by this server yet; send the request without 'tools' "
-            "(or with tool_choice 'none').",
-            param="tools",
-        )
-    if request.functions and request.function_call != "none":
-        raise bad_request(
-            "Function calling is not supported by this server yet; send the request without 'functions'.",
-            param="functions",
-        )
-    if request.response_format is not None and request.response_format.type != "text":
-        raise bad_request(
-            f"response_format of type '{request.response_format.type}' is not supported by this server yet.",
-            param="response_format",
-        )
     for i, message in enumerate(request.messages):
         content = getattr(message, "content", None)
         if isinstance(content, list):
@@ -102,6 +107,7 @@ def render_chat_prompt(
     add_generation_prompt: bool,
     continue_final_message: bool,
     chat_template_kwargs: dict | None,
+    tools: ToolPlan | None = None,
 ) -> str:
     if model.chat_template is None:
         raise bad_request(
@@ -109,7 +115,9 @@ def render_chat_prompt(
             "the server with --chat-template.",
             param="messages",
         )
-    conversation = [m.model_dump(by_alias=True, exclude_none=True) for m in messages]
+    conversation, template_tools = conversation_for_template(
+        [m.model_dump(by_alias=True, exclude_none=True) for m in messages], tools, model.chat_template.supports_tools
+    )
     kwargs = dict(chat_template_kwargs or {})
     for reserved in ("messages", "add_generation_prompt", "continue_final_message", "tools", "documents"):
         if reserved in kwargs:
@@ -119,6 +127,7 @@ def render_chat_prompt(
             conversation,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=template_tools,
             **kwargs,
         )
     except ChatTemplateError as exc:
@@ -127,12 +136,14 @@ def render_chat_prompt(
 
 def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_seed: int | None) -> PreparedChat:
     _reject_unsupported(request)
+    tools = plan_tools(request, model.tool_call_parser)
     prompt = render_chat_prompt(
         model,
         request.messages,
         add_generation_prompt=request.add_generation_prompt,
         continue_final_message=request.continue_final_message,
         chat_template_kwargs=request.chat_template_kwargs,
+        tools=tools,
     )
     # The template writes any BOS it wants itself.
     prompt_ids = model.tokenizer.encode(prompt, add_special_tokens=False)
@@ -141,13 +152,86 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_see
     params = sampling_params(
         request, model, max_tokens=max_tokens, n=request.n or 1, logprobs=top_logprobs, default_seed=default_seed
     )
-    return PreparedChat(request, model, random_id("chatcmpl-"), prompt_ids, params, top_logprobs)
+    constraint = constraint_from(request)
+    if tools is not None and (tool_spec := tool_constraint(tools)) is not None:
+        # A required or named tool call decides the output's shape; response_format applies to
+        # replies that are not tool calls, and this one will be.
+        constraint = Constraint(tool_spec, "tools", "tool schema")
+    if constraint is not None:
+        params.structured_outputs = constraint.spec
+    prepared = PreparedChat(request, model, random_id("chatcmpl-"), prompt_ids, params, top_logprobs, tools, constraint)
+    if tools is not None and tools.mode == "auto" and prepared.extractor().keeps_special_tokens:
+        # The format's markers are special tokens: the parser must see them.
+        params.skip_special_tokens = False
+    return prepared
+
+
+async def compile_chat(prepared: PreparedChat) -> None:
+    """Compile the output constraint and check every tool schema, off the event loop (400 on error)."""
+    if prepared.tools is not None:
+        for param, spec in tool_schemas_to_check(prepared.tools):
+            await compile_constraint(prepared.model, Constraint(spec, param, f"schema for '{param}'"))
+    if prepared.constraint is not None:
+        prepared.grammar = await compile_constraint(prepared.model, prepared.constraint)
 
 
 def _finish_reason(reason: FinishReason) -> str:
     if reason == FinishReason.ABORT:
         raise APIError(503, "The request was cancelled because the server is shutting down.", code="request_cancelled")
     return reason.value
+
+
+def _with_calls(finish_reason: str, prepared: PreparedChat, made_calls: bool) -> str:
+    """A choice that called tools and ended normally ends with "tool_calls" ("function_call" for
+    the legacy form); one cut short keeps "length"."""
+    if made_calls and finish_reason == "stop":
+        return "function_call" if prepared.tools.legacy else "tool_calls"
+    return finish_reason
+
+
+def _message(prepared: PreparedChat, text: str, finish_reason: str) -> tuple[ChatCompletionMessage, str]:
+    extractor = prepared.extractor()
+    if extractor is None:
+        return ChatCompletionMessage(content=text), finish_reason
+    content, calls = extractor.feed(text, final=True)
+    if not calls:
+        return ChatCompletionMessage(content=content), finish_reason
+    finish_reason = _with_calls(finish_reason, prepared, True)
+    if prepared.tools.legacy:
+        _, _, call = calls[0]
+        return ChatCompletionMessage(content=content or None, function_call=FunctionCall(name=call.name, arguments=call.arguments)), finish_reason
+    tool_calls = [
+        ChatCompletionMessageToolCall(id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
+        for _, call_id, call in calls
+    ]
+    return ChatCompletionMessage(content=content or None, tool_calls=tool_calls), finish_reason
+
+
+def _call_deltas(prepared: PreparedChat, index: int, calls) -> list[ChatCompletionResponseStreamChoice]:
+    """OpenAI's shape: the first delta of a call names it, the next carries its arguments."""
+    choices = []
+    for call_index, call_id, call in calls:
+        if prepared.tools.legacy:
+            first = ChoiceDelta(content=None, function_call=ChoiceDeltaFunctionCall(name=call.name, arguments=""))
+            rest = ChoiceDelta(function_call=ChoiceDeltaFunctionCall(arguments=call.arguments))
+        else:
+            first = ChoiceDelta(
+                content=None,
+                tool_calls=[
+                    ChoiceDeltaToolCall(
+                        index=call_index,
+                        id=call_id,
+                        type="function",
+                        function=ChoiceDeltaToolCallFunction(name=call.name, arguments=""),
+                    )
+                ],
+            )
+            rest = ChoiceDelta(
+                tool_calls=[ChoiceDeltaToolCall(index=call_index, function=ChoiceDeltaToolCallFunction(arguments=call.arguments))]
+            )
+        choices.append(ChatCompletionResponseStreamChoice(index=index, delta=first))
+        choices.append(ChatCompletionResponseStreamChoice(index=index, delta=rest))
+    return choices
 
 
 def _usage(prepared: PreparedChat, final: RequestOutput):
@@ -170,12 +254,13 @@ async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOu
                 ),
                 refusal=None,
             )
+        message, finish_reason = _message(prepared, completion.text, _finish_reason(completion.finish_reason))
         choices.append(
             ChatCompletionResponseChoice(
                 index=completion.index,
-                message=ChatCompletionMessage(content=completion.text),
+                message=message,
                 logprobs=logprobs,
-                finish_reason=_finish_reason(completion.finish_reason),
+                finish_reason=finish_reason,
                 stop_reason=completion.stop_reason,
             )
         )
@@ -196,12 +281,13 @@ async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
     n = prepared.params.n
 
     finished: set[int] = set()
+    extractors = [prepared.extractor() for _ in range(n)]
+    # A forced tool call has no text: OpenAI opens such a message with `content: null`.
+    opening = None if prepared.tools is not None and prepared.tools.mode in ("required", "named") else ""
     final: RequestOutput | None = None
     try:
         for index in range(n):
-            yield chunk(
-                [ChatCompletionResponseStreamChoice(index=index, delta=ChoiceDelta(role="assistant", content="", refusal=None))]
-            )
+            yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=ChoiceDelta(role="assistant", content=opening, refusal=None))])
         async for output in outputs:
             final = output
             for completion in output.outputs:
@@ -214,22 +300,28 @@ async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                     logprobs = ChatCompletionLogprobs(
                         content=chat_logprobs(shown, text, prepared.top_logprobs), refusal=None
                     )
-                if completion.delta_text or logprobs is not None:
+                extractor = extractors[index]
+                ending = completion.finish_reason is not None
+                content, calls = completion.delta_text, []
+                if extractor is not None:
+                    content, calls = extractor.feed(completion.delta_text, final=ending)
+                if content or logprobs is not None:
                     yield chunk(
-                        [
-                            ChatCompletionResponseStreamChoice(
-                                index=index, delta=ChoiceDelta(content=completion.delta_text), logprobs=logprobs
-                            )
-                        ]
+                        [ChatCompletionResponseStreamChoice(index=index, delta=ChoiceDelta(content=content), logprobs=logprobs)]
                     )
-                if completion.finish_reason is not None:
+                for call_choice in _call_deltas(prepared, index, calls):
+                    yield chunk([call_choice])
+                if ending:
                     finished.add(index)
+                    finish_reason = _finish_reason(completion.finish_reason)
+                    if extractor is not None:
+                        finish_reason = _with_calls(finish_reason, prepared, bool(extractor.calls))
                     yield chunk(
                         [
                             ChatCompletionResponseStreamChoice(
                                 index=index,
                                 delta=ChoiceDelta(),
-                                finish_reason=_finish_reason(completion.finish_reason),
+                                finish_reason=finish_reason,
                                 stop_reason=completion.stop_reason,
                             )
                         ]

@@ -25,6 +25,8 @@ from heron.server.protocol import (
     CompletionResponseStreamChoice,
 )
 from heron.server.registry import ServedModel
+from heron.server.structured_outputs import Constraint, compile_constraint, constraint_from
+from heron.structured import CompiledGrammar
 from heron.server.serving_common import (
     SSE_DONE,
     TokenText,
@@ -58,6 +60,8 @@ class PreparedCompletion:
     echo: bool
     score_only: bool  # max_tokens == 0: the generated token is dropped
     extra: dict = field(default_factory=dict)
+    constraint: Constraint | None = None
+    grammar: CompiledGrammar | None = None  # set by compile_completion
 
 
 def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPrompt]:
@@ -123,9 +127,19 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, default_s
         prompt_logprobs=logprobs if request.echo and logprobs is not None else None,
         default_seed=default_seed,
     )
+    constraint = constraint_from(request)
+    if constraint is not None:
+        params.structured_outputs = constraint.spec
     return PreparedCompletion(
-        request, model, random_id("cmpl-"), prompts, params, n, logprobs, bool(request.echo), score_only
+        request, model, random_id("cmpl-"), prompts, params, n, logprobs, bool(request.echo), score_only,
+        constraint=constraint,
     )
+
+
+async def compile_completion(prepared: PreparedCompletion) -> None:
+    """Compile the output constraint off the event loop (400 if it is refused)."""
+    if prepared.constraint is not None:
+        prepared.grammar = await compile_constraint(prepared.model, prepared.constraint)
 
 
 def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:

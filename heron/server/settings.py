@@ -61,6 +61,7 @@ class ServerSettings:
     kv_cache_memory: int | None = None  # bytes
     seed: int | None = None
     chat_template: str | None = None
+    tool_call_parser: str | None = None  # None: picked from the chat template
     allowed_origins: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
@@ -113,6 +114,14 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
     ),
     ("seed", ("--seed",), "HERON_SEED", int, "default seed for requests that give none"),
     ("chat_template", ("--chat-template",), "HERON_CHAT_TEMPLATE", str, "Jinja chat template file overriding the model's"),
+    (
+        "tool_call_parser",
+        ("--tool-call-parser",),
+        "HERON_TOOL_CALL_PARSER",
+        str,
+        "how tool calls are read from the model's text: hermes | llama3_json | mistral | generic "
+        "(default: picked from the chat template)",
+    ),
     (
         "allowed_origins",
         ("--allowed-origins",),

@@ -161,8 +161,9 @@ def test_bad_request_error(oai):
             messages=PARIS,
             max_tokens=1,
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}],
+            tool_choice={"type": "function", "function": {"name": "g"}},
         )
-    assert caught.value.param == "tools"
+    assert caught.value.param == "tool_choice"
 
 
 def test_not_found_error(oai):

@@ -241,33 +241,6 @@ class FunctionDefinitionLegacy(OpenAIRequestModel):
     parameters: dict[str, Any] | None = None
 
 
-class ResponseFormatText(OpenAIRequestModel):
-    type: Literal["text"]
-
-
-class ResponseFormatJSONObject(OpenAIRequestModel):
-    type: Literal["json_object"]
-
-
-class JSONSchema(OpenAIRequestModel):
-    name: FunctionName
-    description: str | None = None
-    # Python name `schema_` because `schema` shadows a BaseModel method; the wire name is "schema".
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormatJSONSchema(OpenAIRequestModel):
-    type: Literal["json_schema"]
-    json_schema: JSONSchema
-
-
-ResponseFormat = Annotated[
-    Union[ResponseFormatText, ResponseFormatJSONObject, ResponseFormatJSONSchema],
-    Field(discriminator="type"),
-]
-
-
 # =============================================================================================
 # Request
 # =============================================================================================
@@ -283,7 +256,6 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ChatCompletionToolParam] | None = None
     tool_choice: ChatCompletionToolChoiceOptionParam | None = None
     parallel_tool_calls: bool | None = True

@@ -162,6 +162,49 @@ class OpenAIResponseModel(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
+# Structured outputs: OpenAI's response_format and vLLM's structured_outputs
+# ---------------------------------------------------------------------------------------------
+
+
+class ResponseFormatText(OpenAIRequestModel):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(OpenAIRequestModel):
+    type: Literal["json_object"]
+
+
+class JSONSchema(OpenAIRequestModel):
+    name: FunctionName
+    description: str | None = None
+    # Python name `schema_` because `schema` shadows a BaseModel method; the wire name is "schema".
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatJSONSchema(OpenAIRequestModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[
+    Union[ResponseFormatText, ResponseFormatJSONObject, ResponseFormatJSONSchema],
+    Field(discriminator="type"),
+]
+
+
+class StructuredOutputsParam(OpenAIRequestModel):
+    """vLLM's `structured_outputs`: exactly one constraint on the generated text."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str], Field(min_length=1)] | None = None
+    # A Lark grammar, or GBNF/EBNF as llama.cpp writes it.
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+# ---------------------------------------------------------------------------------------------
 # Request pieces shared by chat and completions
 # ---------------------------------------------------------------------------------------------
 
@@ -204,6 +247,13 @@ class GenerationRequest(OpenAIRequestModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Constrained decoding (vLLM): `structured_outputs`, or its older spellings `guided_*`.
+    structured_outputs: StructuredOutputsParam | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
 
     def requested_max_tokens(self) -> int | None:
         """The caller's cap on generated tokens, if any; each endpoint overrides where it lives."""
