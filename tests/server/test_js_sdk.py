@@ -1,4 +1,5 @@
-"""The official JavaScript SDK (npm `openai`, pinned in js/package.json) streams a chat completion from Heron.
+"""The official JavaScript SDK (npm `openai`, pinned in js/package.json) streams a chat completion from
+Heron, and its stream accumulator assembles a streamed tool call.
 
 `make test` installs it (`npm ci --prefix tests/server/js`). A missing install fails the test rather
 than skipping it: CI must run it.
@@ -42,3 +43,11 @@ def test_js_sdk_streams_a_chat_completion(server):
     choices, usage = summarize_stream(out["chunks"], chat=True, include_usage=True)
     assert choices[0].text == out["text"]
     assert usage["completion_tokens"] > 0
+    # The SDK's accumulator rebuilt the streamed tool call: one complete call whose arguments parse.
+    message = out["tool_message"]
+    assert out["tool_finish_reason"] == "tool_calls"
+    assert message["content"] is None
+    (call,) = message["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
