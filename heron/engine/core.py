@@ -258,7 +258,12 @@ class EngineCore:
 
     def _advance(self, sample: _Sample, request: Request, token_id: int, logprob: TokenLogprob | None) -> CompletionOutput:
         """Detokenize one new token, apply stop strings, and describe what this sample added."""
-        finished_by_token = request.is_finished and request.finish_reason == FinishReason.STOP
+        params = sample.request.sampling_params
+        finished_by_token = (
+            request.is_finished
+            and request.finish_reason == FinishReason.STOP
+            and (token_id in request.eos_token_ids or token_id in params.stop_token_ids)
+        )
         # An EOS or stop token ends the text without appearing in it (vLLM and OpenAI alike).
         if not finished_by_token or sample.request.sampling_params.include_stop_str_in_output:
             stop_string = sample.detokenizer.update([token_id])

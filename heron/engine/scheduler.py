@@ -145,6 +145,9 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> FinishReason | None:
         params = request.sampling_params
+        if request.grammar is not None and request.grammar.is_stopped():
+            # The grammar is complete: nothing more may follow, whatever min_tokens or ignore_eos say.
+            return FinishReason.STOP
         if request.num_output_tokens >= params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 return FinishReason.STOP

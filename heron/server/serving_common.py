@@ -156,16 +156,21 @@ class TokenText:
         return hit
 
 
-def shown_logprobs(entries: list[TokenLogprob] | None, completion, params: SamplingParams) -> list[TokenLogprob]:
+def shown_logprobs(
+    entries: list[TokenLogprob] | None, completion, params: SamplingParams, eos_token_ids: tuple[int, ...]
+) -> list[TokenLogprob]:
     """The logprobs of the tokens the text shows: an EOS or stop token that ended the text without
-    appearing in it is left out, so the tokens join back to the content, as in OpenAI."""
+    appearing in it is left out, so the tokens join back to the content, as in OpenAI. (A grammar
+    that completes also ends a choice with "stop", on a token the text does show.)"""
     entries = list(entries or [])
     ended_by_token = (
         completion.finish_reason == FinishReason.STOP
         and not isinstance(completion.stop_reason, str)
         and not params.include_stop_str_in_output
+        and bool(entries)
+        and (entries[-1].token_id in eos_token_ids or entries[-1].token_id in params.stop_token_ids)
     )
-    return entries[:-1] if ended_by_token and entries else entries
+    return entries[:-1] if ended_by_token else entries
 
 
 def chat_logprobs(entries: list[TokenLogprob], text: TokenText, top_n: int) -> list[ChatCompletionTokenLogprob]:

@@ -181,7 +181,7 @@ async def completion_response(
             completion_tokens += len(token_ids)
             logprobs = None
             if prepared.logprobs is not None:
-                entries: list = [] if prepared.score_only else shown_logprobs(completion.logprobs, completion, prepared.params)
+                entries: list = [] if prepared.score_only else shown_logprobs(completion.logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids)
                 ids = list(token_ids)
                 if prepared.echo:
                     entries = list(final.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
@@ -267,7 +267,7 @@ async def completion_stream(
                     )
                 delta_text = "" if prepared.score_only else completion.delta_text
                 logprobs = None
-                shown = shown_logprobs(completion.delta_logprobs, completion, prepared.params)
+                shown = shown_logprobs(completion.delta_logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids)
                 if prepared.logprobs is not None and shown and not prepared.score_only:
                     tokens, lps, tops, offs, end = completion_logprob_lists(
                         shown,
