@@ -23,6 +23,9 @@ Without `--url` the script starts `heron serve` on the bundled default model on 
 `--url` it drives whatever server runs there (Heron, llama.cpp's `llama-server`, vLLM...). Failed
 requests are counted and their errors reported; they never stop the run.
 
+The load generator itself (prompts, the timed streaming client, levels, percentiles) is `heron.bench`,
+which `heron bench` also runs; this script adds starting a server and the offline comparison.
+
 Usage:
   python benchmarks/serving.py                                  # starts heron serve itself
   python benchmarks/serving.py --concurrency 1 8 32 --max-tokens 128 --requests-per-client 2
@@ -35,9 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
-import random
 import signal
 import socket
 import statistics
@@ -45,269 +45,42 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-# --------------------------------------------------------------------------------------------- prompts
-
-SUBJECTS = (
-    "a lighthouse keeper", "a retired astronaut", "a stubborn goat", "two rival bakers", "a lost robot",
-    "a village librarian", "a young cartographer", "an old fisherman", "a clockmaker's apprentice",
-    "a travelling musician", "a curious fox", "a night-shift nurse", "a beekeeper", "a chess prodigy",
-    "a ship's cat", "a desert botanist",
+from heron.bench import (
+    Bench,
+    BenchError,
+    BenchParams,
+    LevelResult,
+    RequestResult,
+    fmt_ms,
+    fmt_s,
+    level_notes,
+    loadavg,
+    machine_description,
+    make_prompts,
+    percentile,
 )
-TASKS = (
-    "Write a short story about", "Describe a day in the life of", "Write a poem about",
-    "Explain to a child what happens to", "Write a diary entry by", "Invent a legend about",
-    "Write a letter from", "Tell a funny anecdote about",
-)
-DETAILS = (
-    "during a thunderstorm", "on the first day of spring", "in a city built on stilts", "after the power fails",
-    "on a train crossing the mountains", "at a noisy harbour market", "in a house full of clocks",
-    "while snow covers the valley", "on an island with no name", "beneath an orange autumn sky",
-)
-EXTRAS = (
-    "use vivid details", "keep the tone warm", "include one surprising twist", "mention a smell and a sound",
-    "end with a question", "avoid clichés", "write in the present tense", "give every character a name",
-)
-
-
-def make_prompt(index: int) -> str:
-    """A deterministic, distinct prompt of roughly 20-40 tokens; the index comes first so even the
-    first KV block differs between requests."""
-    rng = random.Random(index)
-    extras = ", ".join(rng.sample(EXTRAS, rng.randint(1, 3)))
-    return (
-        f"Request {index}. {rng.choice(TASKS)} {rng.choice(SUBJECTS)} {rng.choice(DETAILS)}. "
-        f"{extras[0].upper() + extras[1:]}."
-    )
-
-
-def make_prompts(start: int, count: int) -> list[str]:
-    return [make_prompt(start + i) for i in range(count)]
-
-
-# --------------------------------------------------------------------------------------------- stats
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    if not values:
-        return float("nan")
-    data = sorted(values)
-    pos = (len(data) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
-def machine_description() -> str:
-    """CPU model, count and widest vector extension: bf16 speed on CPU hinges on the last."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                   ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return f"{cpu}, {os.cpu_count()} CPUs" + (f" ({', '.join(isa)})" if isa else "")
-
-
-def loadavg() -> str:
-    try:
-        return "/".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
 
 # --------------------------------------------------------------------------------------------- client
 
 
-@dataclass
-class RequestResult:
-    ok: bool
-    output_tokens: int = 0
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    latency_s: float = 0.0
-    usage_reported: bool = False
-    error: str | None = None
-
-
-@dataclass
-class LevelResult:
-    concurrency: int
-    results: list[RequestResult] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    @property
-    def ok(self) -> list[RequestResult]:
-        return [r for r in self.results if r.ok]
-
-    @property
-    def failed(self) -> list[RequestResult]:
-        return [r for r in self.results if not r.ok]
-
-    @property
-    def output_tokens_per_s(self) -> float:
-        tokens = sum(r.output_tokens for r in self.ok)
-        return tokens / self.wall_s if self.wall_s > 0 else float("nan")
-
-
-class Client:
-    """Sends one streaming request and times it; never raises (errors become a failed RequestResult)."""
-
-    def __init__(self, http: httpx.AsyncClient, base_url: str, args: argparse.Namespace, model: str | None):
-        self.http = http
-        self.base_url = base_url.rstrip("/")
-        self.args = args
-        self.model = model
-        self.path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
-
-    def payload(self, prompt: str, max_tokens: int) -> dict:
-        body: dict = {
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if self.model is not None:
-            body["model"] = self.model
-        if self.args.endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": prompt}]
-        else:
-            body["prompt"] = prompt
-        if self.args.ignore_eos:
-            body["ignore_eos"] = True
-        return body
-
-    async def request(self, prompt: str, max_tokens: int) -> RequestResult:
-        start = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.args.timeout):
-                return await self._stream(prompt, max_tokens, start)
-        except TimeoutError:
-            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"timed out after {self.args.timeout:g} s")
-        except httpx.HTTPError as e:
-            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"{type(e).__name__}: {e}")
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:  # malformed stream content
-            return RequestResult(False, latency_s=time.perf_counter() - start, error=f"bad stream: {type(e).__name__}: {e}")
-
-    async def _stream(self, prompt: str, max_tokens: int, start: float) -> RequestResult:
-        first = last = None
-        num_chunks = 0
-        usage_tokens = None
-        saw_done = False
-        async with self.http.stream("POST", self.base_url + self.path, json=self.payload(prompt, max_tokens)) as resp:
-            if resp.status_code != 200:
-                body = (await resp.aread()).decode("utf-8", "replace")
-                return RequestResult(False, latency_s=time.perf_counter() - start, error=f"HTTP {resp.status_code}: {body[:300]}")
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, ": keep-alive" comments, "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    saw_done = True
-                    break
-                chunk = json.loads(data)
-                if not isinstance(chunk, dict):
-                    raise ValueError(f"chunk is not an object: {data[:200]}")
-                if chunk.get("error"):
-                    error = f"error frame: {json.dumps(chunk['error'])[:300]}"
-                    return RequestResult(False, latency_s=time.perf_counter() - start, error=error)
-                now = time.perf_counter()
-                for choice in chunk.get("choices") or []:
-                    if self.args.endpoint == "chat":
-                        delta = choice.get("delta") or {}
-                        text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
-                    else:
-                        text = choice.get("text") or ""
-                    if text:
-                        num_chunks += 1
-                        if first is None:
-                            first = now
-                        last = now
-                usage = chunk.get("usage")
-                if usage and usage.get("completion_tokens") is not None:
-                    usage_tokens = int(usage["completion_tokens"])
-        end = time.perf_counter()
-        if not saw_done:
-            return RequestResult(False, latency_s=end - start, error="stream ended without data: [DONE]")
-        tokens = usage_tokens if usage_tokens is not None else num_chunks
-        if first is None:  # a complete, empty answer (EOS first without ignore_eos): no TTFT or TPOT
-            return RequestResult(True, tokens, None, None, end - start, usage_tokens is not None)
-        tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-        return RequestResult(True, tokens, first - start, tpot, end - start, usage_tokens is not None)
-
-
-async def run_level(client: Client, concurrency: int, prompts: list[str], args: argparse.Namespace) -> LevelResult:
-    """C clients in a closed loop: each sends its next request when its previous one ends."""
-    level = LevelResult(concurrency)
-    queue = iter(prompts)
-    deadline = None
-
-    async def worker(worker_index: int) -> None:
-        sent = 0
-        while True:
-            if args.duration is not None:
-                if time.perf_counter() >= deadline:
-                    return
-            elif sent >= args.requests_per_client:
-                return
-            prompt = next(queue, None)
-            if prompt is None:
-                prompt = make_prompt(10_000_000 + worker_index * 10_000 + sent)  # duration mode ran past the list
-            level.results.append(await client.request(prompt, args.max_tokens))
-            sent += 1
-
-    start = time.perf_counter()
-    if args.duration is not None:
-        deadline = start + args.duration
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    level.wall_s = time.perf_counter() - start
-    return level
-
-
-async def discover_model(http: httpx.AsyncClient, base_url: str) -> str | None:
-    try:
-        resp = await http.get(base_url.rstrip("/") + "/v1/models", timeout=10)
-        resp.raise_for_status()
-        return resp.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
-        print(f"  could not read /v1/models ({type(e).__name__}: {e}); sending no model name", file=sys.stderr)
-        return None
+def bench_params(args: argparse.Namespace) -> BenchParams:
+    return BenchParams(
+        endpoint=args.endpoint, concurrency=tuple(args.concurrency), requests_per_client=args.requests_per_client,
+        duration=args.duration, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, timeout=args.timeout,
+    )
 
 
 async def run_served(
     base_url: str, args: argparse.Namespace, level_prompts: dict[int, list[str]]
-) -> tuple[str | None, list[LevelResult], RequestResult]:
-    biggest = max(args.concurrency)
-    limits = httpx.Limits(max_connections=biggest + 8, max_keepalive_connections=biggest + 8)
-    timeout = httpx.Timeout(args.timeout, connect=30)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-        model = args.model or await discover_model(http, base_url)
-        client = Client(http, base_url, args, model)
-        warmup = await client.request(make_prompt(999_999), min(16, args.max_tokens))
-        status = "ok" if warmup.ok else f"FAILED: {warmup.error}"
-        print(f"  warm-up request: {status}", file=sys.stderr)
-        levels = []
-        for c in args.concurrency:
-            level = await run_level(client, c, level_prompts[c], args)
-            print(
-                f"  served C={c}: {len(level.ok)}/{len(level.results)} ok, {level.output_tokens_per_s:.1f} tok/s, "
-                f"{level.wall_s:.1f} s, load {loadavg()}",
-                file=sys.stderr,
-            )
-            levels.append(level)
-        return model, levels, warmup
+) -> tuple[str | None, list[LevelResult], RequestResult | None]:
+    async with Bench(base_url, bench_params(args), model=args.model) as bench:
+        await bench.connect()
+        levels = await bench.run(level_prompts)
+    return bench.model, levels, bench.warmup
 
 
 # --------------------------------------------------------------------------------------------- server
@@ -436,19 +209,13 @@ def run_offline(args: argparse.Namespace, level_prompts: dict[int, list[str]]) -
     return {}
 
 
+
 # --------------------------------------------------------------------------------------------- report
-
-
-def fmt_s(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x:.2f} s"
-
-
-def fmt_ms(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x * 1000:.1f} ms"
 
 
 def report(args, target: str, model: str | None, levels: list[LevelResult], offline: dict[int, list[float]],
            warmup: RequestResult | None, load_start: str) -> None:
+    """The table this script has always printed (served vs offline), then the notes."""
     print()
     eos = "ignore_eos" if args.ignore_eos else "no ignore_eos"
     amount = f"{args.duration:g} s per level" if args.duration is not None else f"{args.requests_per_client} requests per client"
@@ -484,23 +251,9 @@ def report(args, target: str, model: str | None, levels: list[LevelResult], offl
     notes = []
     if warmup is not None and not warmup.ok:
         notes.append(f"warm-up request failed: {warmup.error}")
+    params = bench_params(args)
     for level in levels:
-        errors: dict[str, int] = {}
-        for r in level.failed:
-            errors[r.error or "unknown"] = errors.get(r.error or "unknown", 0) + 1
-        for error, count in errors.items():
-            notes.append(f"C={level.concurrency}: {count} failed request(s): {error}")
-        if args.ignore_eos:
-            short = [r.output_tokens for r in level.ok if r.output_tokens != args.max_tokens]
-            if short:
-                notes.append(f"C={level.concurrency}: {len(short)} response(s) with {sorted(set(short))} output tokens "
-                             f"instead of max_tokens={args.max_tokens} despite ignore_eos")
-        empty = sum(1 for r in level.ok if r.ttft_s is None)
-        if empty:
-            notes.append(f"C={level.concurrency}: {empty} complete response(s) with no content (no TTFT/TPOT for them)")
-        no_usage = sum(1 for r in level.ok if not r.usage_reported)
-        if no_usage:
-            notes.append(f"C={level.concurrency}: {no_usage} response(s) without a usage chunk; tokens counted as content chunks")
+        notes += level_notes(level, params)
     for note in notes:
         print(f"- {note}")
 
@@ -522,7 +275,7 @@ def report(args, target: str, model: str | None, levels: list[LevelResult], offl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=None, help="base URL of a running server; default: start `heron serve` here")
-    parser.add_argument("--model", default=None, help="model name to send (default: the first id of GET /v1/models)")
+    parser.add_argument("--model", default=None, help="model name to send (default: the first chat model of GET /v1/models)")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -574,6 +327,9 @@ def main() -> int:
                 return 1
         try:
             model, levels, warmup = asyncio.run(run_served(base_url, args, level_prompts))
+        except BenchError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -1,4 +1,4 @@
-"""The `heron` command: serve, generate, chat, inspect.
+"""The `heron` command: serve, generate, chat, inspect, bench.
 
 Each subcommand parses its own flags (vLLM's names where vLLM has the same option) and imports the
 heavy modules only when it runs, so `heron --help` stays instant.
@@ -255,6 +255,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from heron.bench import run_command
+
+    return run_command(args)
+
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="root URL of the server, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
+    p.add_argument("--model", default=None, help="model name to send (default: the first chat model in GET /v1/models)")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $HERON_API_KEY, else $OPENAI_API_KEY)")
+    p.add_argument("--endpoint", choices=["chat", "completions"], default="chat",
+                   help="/v1/chat/completions or /v1/completions (default: chat)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], metavar="C",
+                   help="concurrent clients, one level each (default: 1 4 16)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--requests-per-client", type=int, default=4, metavar="N",
+                        help="requests each client sends, one after the other (default: 4)")
+    amount.add_argument("--duration", type=float, default=None, metavar="S",
+                        help="run each level for S seconds instead of a number of requests")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: 128)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help="pad each prompt to about N tokens (default: short prompts of ~20-40 tokens)")
+    p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
+                   help="do not send ignore_eos (vLLM's extension; some servers reject it): answers may end early")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: 300)")
+    p.add_argument("--output", "-o", default=None, metavar="DIR",
+                   help="where report.md, results.json and the plots go (default: ./heron-bench-<timestamp>/)")
+    p.add_argument("--label", default=None, help="name of the system in the report and plots (default: the server's owned_by, else host:port)")
+    p.add_argument("--compare", nargs="+", default=[], metavar="RESULTS_JSON",
+                   help="results.json of earlier runs (other servers) to put in the same table and plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from heron.server.settings import build_parser as add_serve_args
 
@@ -285,6 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark any OpenAI-compatible server: tokens/s, TTFT, TPOT per concurrency; report and plots",
+        description="Streams chat (or text) completions to an OpenAI-compatible server (Heron, vLLM, llama.cpp, "
+        "Ollama...) at each concurrency level, and writes report.md, results.json and PNG plots "
+        "(throughput, TTFT and TPOT percentiles against concurrency) to an output directory.",
+    )
+    _add_bench_args(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
