@@ -201,10 +201,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    import uvicorn
-
     from heron.server.app import create_app
     from heron.server.registry import load_served_models
+    from heron.server.runner import run
     from heron.server.settings import settings_from_args
 
     settings = settings_from_args(args)
@@ -236,18 +235,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _format_bytes(model.memory_bytes),
         )
     app = create_app(settings, registry)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
     log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
     try:
-        asyncio.run(server.serve())
+        run(app, settings.host, settings.port, settings.log_level, settings.drain_timeout)
     except KeyboardInterrupt:
         pass
     finally:

@@ -53,13 +53,14 @@ from heron.server.protocol import (
 from heron.server.protocol.embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from heron.server.registry import ModelRegistry, ServedModel, load_served_models
 from heron.server.serving_chat import chat_response, chat_stream, compile_chat, prepare_chat, render_chat_prompt
-from heron.server.serving_common import SSE_HEADERS, merge_streams, request_error_from
+from heron.server.serving_common import SSE_DONE, SSE_HEADERS, merge_streams, request_error_from, sse_error
 from heron.server.serving_completions import (
     compile_completion,
     completion_response,
     completion_stream,
     prepare_completion,
 )
+from heron.server.limits import Drain, RateLimiter
 from heron.server.settings import ServerSettings
 from heron.server.tool_calls import ToolPlan
 
@@ -68,6 +69,8 @@ logger = logging.getLogger("heron.server")
 IGNORED_FIELDS_HEADER = "X-Heron-Ignored-Fields"
 REQUEST_ID_HEADER = "X-Request-Id"
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Paths still answered while draining: /health (which then says 503 itself) and monitoring.
+_DURING_DRAIN = frozenset({"/health", "/metrics"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,9 +96,10 @@ class _BodyTooLarge(Exception):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Callable, max_body_bytes: int):
+    def __init__(self, app: Callable, max_body_bytes: int, drain: Drain):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.drain = drain
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -112,6 +116,9 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
+        if self.drain.draining and scope["path"] not in _DURING_DRAIN:
+            await _send_error(send_with_id, self.drain.refusal())
+            return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await self._too_large(send_with_id)
@@ -127,10 +134,14 @@ class RequestContextMiddleware:
                     raise _BodyTooLarge
             return message
 
+        # Counted until the response is fully sent (a stream too): what a drain waits for.
+        self.drain.in_progress += 1
         try:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             await self._too_large(send_with_id)
+        finally:
+            self.drain.in_progress -= 1
 
     async def _too_large(self, send: Callable) -> None:
         error = APIError(
@@ -138,15 +149,15 @@ class RequestContextMiddleware:
             f"The request body is larger than this server accepts ({self.max_body_bytes} bytes).",
             code="request_too_large",
         )
-        body = json.dumps(error.body()).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, error)
+
+
+async def _send_error(send: Callable, error: APIError) -> None:
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,6 +358,58 @@ def _install_openapi(app: FastAPI, bodies: dict[str, tuple[Any, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _client_key(request: Request) -> str:
+    """Whom a rate limit counts against: the API key sent, else the client's address."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "key:" + token.strip()
+    return "addr:" + (request.client.host if request.client else "-")
+
+
+def _timed_out(seconds: float) -> APIError:
+    return APIError(
+        408,
+        f"The request did not finish within this server's time limit of {seconds:g} s (--request-timeout); "
+        "it was stopped. Lower max_tokens or retry later.",
+        code="request_timeout",
+        type="timeout_error",
+    )
+
+
+async def _deadline(work: Awaitable[Any], seconds: float) -> Any:
+    """Await `work`, stopping it (and so its engine requests) after `seconds`; 0 = no limit."""
+    if seconds <= 0:
+        return await work
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise _timed_out(seconds) from None
+
+
+async def _with_deadline(frames: AsyncIterator[bytes], seconds: float) -> AsyncIterator[bytes]:
+    """Forward SSE frames until `seconds` have passed; then an error event and [DONE], and the
+    stream (with its engine requests) is closed."""
+    iterator = frames.__aiter__()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while True:
+            try:
+                if seconds <= 0:
+                    frame = await iterator.__anext__()
+                else:
+                    frame = await asyncio.wait_for(iterator.__anext__(), max(deadline - loop.time(), 0))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                yield sse_error(_timed_out(seconds))
+                yield SSE_DONE
+                return
+            yield frame
+    finally:
+        await iterator.aclose()
+
+
 # The app
 # ---------------------------------------------------------------------------------------------
 
@@ -376,6 +439,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     app.state.settings = settings
     app.state.registry = registry
     admission = _Admission(settings.max_num_seqs + settings.max_queue_len)
+    limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    # Flipped by the server runner on SIGTERM (heron.server.runner).
+    drain = app.state.drain = Drain()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -403,6 +469,10 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     def models() -> ModelRegistry:
         return app.state.registry
+
+    def rate_limit(request: Request, tokens: int) -> None:
+        if limiter.enabled:
+            limiter.admit(_client_key(request), tokens)
 
     def log_request(request: Request, model: str, status: int, started: float, **fields: Any) -> None:
         if settings.disable_log_requests:
@@ -446,18 +516,22 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         model = generation_model(parsed.model)
         prepared = prepare_chat(parsed, model, settings.seed)
         await compile_chat(prepared)
+        rate_limit(request, len(prepared.prompt_token_ids) + prepared.params.max_tokens * prepared.params.n)
         headers = _headers(unknown)
         with admission.slot():
             outputs = model.engine.generate(
                 prepared.prompt_token_ids, prepared.params, prepared.response_id, grammar=prepared.grammar
             )
             if parsed.stream:
+                frames = _with_deadline(chat_stream(prepared, outputs), settings.request_timeout)
                 return _stream(
-                    request, _with_keepalive(chat_stream(prepared, outputs), settings.sse_keepalive), headers, admission,
+                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission,
                     lambda: log_request(request, parsed.model, 200, started, stream=True),
                 )
             try:
-                response = await _until_disconnect(request, chat_response(prepared, outputs))
+                response = await _until_disconnect(
+                    request, _deadline(chat_response(prepared, outputs), settings.request_timeout)
+                )
             except Exception as exc:
                 raise request_error_from(exc) from exc
             finally:
@@ -476,6 +550,10 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         model = generation_model(parsed.model)
         prepared = prepare_completion(parsed, model, settings.seed)
         await compile_completion(prepared)
+        rate_limit(
+            request,
+            sum(len(p.token_ids) + prepared.params.max_tokens * prepared.params.n for p in prepared.prompts),
+        )
         headers = _headers(unknown)
         with admission.slot():
             streams = [
@@ -486,12 +564,15 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             ]
             merged = merge_streams(streams)
             if parsed.stream:
+                frames = _with_deadline(completion_stream(prepared, merged), settings.request_timeout)
                 return _stream(
-                    request, _with_keepalive(completion_stream(prepared, merged), settings.sse_keepalive), headers,
+                    request, _with_keepalive(frames, settings.sse_keepalive), headers,
                     admission, lambda: log_request(request, parsed.model, 200, started, stream=True),
                 )
             try:
-                response = await _until_disconnect(request, completion_response(prepared, merged))
+                response = await _until_disconnect(
+                    request, _deadline(completion_response(prepared, merged), settings.request_timeout)
+                )
             except Exception as exc:
                 raise request_error_from(exc) from exc
             finally:
@@ -543,6 +624,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             try:
                 if texts is not None:
                     token_ids = await model.engine.tokenize(texts, parsed.truncate_prompt_tokens)
+                rate_limit(request, sum(len(ids) for ids in token_ids))
                 outputs = await _until_disconnect(
                     request,
                     model.engine.embed(
@@ -636,6 +718,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     @app.get("/health", tags=["Heron"])
     async def health() -> JSONResponse:
+        if drain.draining:
+            return _error_response(drain.refusal())
         registry = models()
         if registry is None:
             return _error_response(APIError(503, "The model is still loading.", code="loading"))
@@ -696,7 +780,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             allow_headers=["*"],
             expose_headers=[REQUEST_ID_HEADER, IGNORED_FIELDS_HEADER],
         )
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain)
     return app
 
 

@@ -65,6 +65,10 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
+    rate_limit_rpm: int = 0  # per API key (or client address without keys); 0 = off
+    rate_limit_tpm: int = 0
+    request_timeout: float = 0.0  # seconds a generation may run; 0 = no limit
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     sse_keepalive: float = 0.0  # seconds; 0 = off
     strict_fields: bool = False
     disable_log_requests: bool = False
@@ -142,6 +146,34 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         "HERON_MAX_QUEUE_LEN",
         int,
         "requests allowed to wait beyond --max-num-seqs before new ones get 429 (default 256)",
+    ),
+    (
+        "rate_limit_rpm",
+        ("--rate-limit-rpm",),
+        "HERON_RATE_LIMIT_RPM",
+        int,
+        "requests per minute allowed to each API key (each client address without keys); 0 = no limit",
+    ),
+    (
+        "rate_limit_tpm",
+        ("--rate-limit-tpm",),
+        "HERON_RATE_LIMIT_TPM",
+        int,
+        "tokens per minute (prompt + max_tokens) allowed to each API key; 0 = no limit",
+    ),
+    (
+        "request_timeout",
+        ("--request-timeout",),
+        "HERON_REQUEST_TIMEOUT",
+        float,
+        "seconds a completion may run before it is stopped with a timeout error (default 0 = no limit)",
+    ),
+    (
+        "drain_timeout",
+        ("--drain-timeout",),
+        "HERON_DRAIN_TIMEOUT",
+        float,
+        "on SIGTERM, seconds in-flight requests get to finish before the server exits (default 30)",
     ),
     (
         "sse_keepalive",

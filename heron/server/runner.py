@@ -1,0 +1,82 @@
+"""Running the app under uvicorn with a graceful drain: what `heron serve` does after loading models.
+
+On the first SIGTERM (or SIGINT) the app starts draining: /health answers 503, so a load balancer
+takes the instance out, and new requests get 503 while those in progress (streams included) run to
+the end. When none is left, or `--drain-timeout` has passed, uvicorn is told to exit; requests
+still running then are aborted (a stream gets an error event), the engines stop, and the process
+exits 0. A second signal exits at
+once. Under a plain `uvicorn heron.server.app:app`, uvicorn's own shutdown applies instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+logger = logging.getLogger("heron.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float):
+        super().__init__(config)
+        self._app = app
+        self._drain = app.state.drain
+        self._drain_timeout = drain_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in uvicorn's captured signals: it would re-raise them after a clean exit,
+        # turning a drained shutdown into death by SIGTERM.
+        if self._drain.draining or self._loop is None:
+            logger.warning("second signal (%s): exiting now", signal.Signals(sig).name)
+            os._exit(1)
+        self._drain.draining = True
+        logger.info(
+            "%s: draining %d request(s) in progress (up to %g s); new requests get 503",
+            signal.Signals(sig).name,
+            self._drain.in_progress,
+            self._drain_timeout,
+        )
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._wait_then_exit()))
+
+    async def _wait_then_exit(self) -> None:
+        deadline = time.monotonic() + self._drain_timeout
+        while self._drain.in_progress > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._drain.in_progress:
+            logger.warning("drain deadline passed: aborting %d request(s) still running", self._drain.in_progress)
+            # Stopping the engines ends each remaining request with an abort, which its response
+            # reports (an error event for a stream) before the connection closes.
+            registry = self._app.state.registry
+            if registry is not None:
+                await registry.shutdown()
+            settle = time.monotonic() + 2
+            while self._drain.in_progress > 0 and time.monotonic() < settle:
+                await asyncio.sleep(0.05)
+        else:
+            logger.info("drained: every request finished")
+        self.should_exit = True
+
+
+def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float) -> None:
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        access_log=False,
+        # The drain already waited; this only bounds closing what is left after its deadline.
+        timeout_graceful_shutdown=1,
+    )
+    asyncio.run(DrainingServer(config, app, drain_timeout).serve())
