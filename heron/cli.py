@@ -207,9 +207,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from heron.server.settings import settings_from_args
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    # JSON logs are one JSON object per line, with nothing around it for a log shipper to strip.
+    line_format = "%(message)s" if settings.log_format == "json" else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=settings.log_level.upper(), format=line_format, stream=sys.stderr)
     log = logging.getLogger("heron.server")
     # Load before binding the port, so a client that can connect finds the models ready.
     registry = load_served_models(settings, progress=sys.stderr.isatty())

@@ -44,6 +44,21 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """When things happened to one request, on the engine's clock (`time.monotonic()`, seconds).
+
+    Carried by a request's final RequestOutput, so that a caller can observe latencies (queue time =
+    `first_scheduled_time - arrival_time`) once, when the request ends. For n > 1 the times are those
+    of the earliest sample.
+    """
+
+    arrival_time: float  # handed to the engine (AsyncEngine.generate / EngineCore.add_request)
+    first_scheduled_time: float | None = None  # first admitted into a batch; None if never
+    first_token_time: float | None = None  # first output token of any sample; None if none
+    finished_time: float | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -52,6 +67,7 @@ class RequestOutput:
     prompt: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None  # on the final output of an engine-finished request
 
 
 @dataclass

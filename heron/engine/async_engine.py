@@ -27,6 +27,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -44,13 +45,24 @@ class EngineDeadError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot the engine thread publishes after every step; readers get it whole, never torn."""
+    """A snapshot the engine thread publishes after every step; readers get it whole, never torn.
+
+    It is published before that step's outputs are delivered, so a caller that has seen a request
+    finish reads a snapshot that already counts it.
+    """
 
     num_running: int = 0
     num_waiting: int = 0
     num_requests: int = 0  # requests the engine thread holds, admitted or not
-    num_free_kv_blocks: int = 0
+    num_free_kv_blocks: int = 0  # truly free plus cached-but-unreferenced (evictable) blocks
     num_kv_blocks: int = 0
+    # Cumulative since start (Prometheus counters): prefix-cache lookups and hits in tokens,
+    # preemptions, prompt tokens of requests that produced a token, tokens generated.
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -104,6 +116,7 @@ class _Add:
     stream: _Stream
     cache_salt: str | None
     grammar: CompiledGrammar | None = None
+    arrival_time: float | None = None  # time.monotonic() when generate() was called
 
 
 @dataclass
@@ -210,7 +223,8 @@ class AsyncEngine:
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield every RequestOutput delta of one request; the last has `finished=True`.
+        """Yield every RequestOutput delta of one request; the last has `finished=True` and, when
+        the engine finished it (not an abort), its timings in `metrics` (arrival = this call).
 
         A request with structured outputs has its grammar compiled on a worker thread first (or
         passes `grammar` from `compile_grammar`), so the engine thread never waits on a compiler.
@@ -219,10 +233,11 @@ class AsyncEngine:
         EngineDeadError if the engine is dead or shut down (or dies while this runs). Leaving the
         iteration early (break, cancellation, aclose) aborts the request.
         """
+        arrival_time = time.monotonic()
         if params.structured_outputs is not None and grammar is None:
             grammar = await self.compile_grammar(params.structured_outputs)
         stream = _Stream(request_id, list(prompt_token_ids), params, asyncio.get_running_loop())
-        self._submit(_Add(stream, cache_salt, grammar))
+        self._submit(_Add(stream, cache_salt, grammar, arrival_time))
         done = False
         try:
             while True:
@@ -305,15 +320,21 @@ class AsyncEngine:
                     if output.finished:
                         del self._streams[output.request_id]
                     deliveries.setdefault(stream.loop, []).append((stream.queue, output))
-            self._deliver(deliveries)
+            # Snapshot first: whoever sees a request finish must not then read stats without it.
             self._stats = self._snapshot(self._streams)
+            self._deliver(deliveries)
 
     def _apply(self, command: _Add | _Abort, deliveries: _Deliveries) -> None:
         if isinstance(command, _Add):
             stream = command.stream
             try:
                 self.core.add_request(
-                    stream.request_id, stream.prompt_token_ids, stream.params, command.cache_salt, command.grammar
+                    stream.request_id,
+                    stream.prompt_token_ids,
+                    stream.params,
+                    command.cache_salt,
+                    command.grammar,
+                    arrival_time=command.arrival_time,
                 )
             except Exception as exc:  # bad input (ValueError): it belongs to that caller alone
                 deliveries.setdefault(stream.loop, []).append((stream.queue, exc))
@@ -373,12 +394,18 @@ class AsyncEngine:
                 pass
 
     def _snapshot(self, streams: dict[str, _Stream]) -> EngineStats:
-        scheduler = self.core.scheduler
-        kv_cache = self.core.kv_cache
+        core = self.core
+        scheduler = core.scheduler
+        kv_cache = core.kv_cache
         return EngineStats(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting,
             num_requests=len(streams),
             num_free_kv_blocks=kv_cache.num_free_blocks,
             num_kv_blocks=kv_cache.num_blocks,
+            num_prefix_cache_queries=kv_cache.prefix_cache_queries,
+            num_prefix_cache_hits=kv_cache.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_prompt_tokens=core.num_prompt_tokens,
+            num_generation_tokens=core.num_generation_tokens,
         )

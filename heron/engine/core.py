@@ -10,6 +10,7 @@ full text, token ids and logprobs of every sample.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,7 +21,7 @@ from heron.engine.kv_cache import KVCache
 from heron.engine.request import Request
 from heron.engine.scheduler import Scheduler
 from heron.models.loader import LoadedModel
-from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
+from heron.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
 from heron.structured import CompiledGrammar, GrammarCompiler
 from heron.worker.model_runner import ModelRunner
@@ -47,6 +48,7 @@ class _Group:
     prompt_token_ids: list[int]
     params: SamplingParams
     samples: list[_Sample]
+    metrics: RequestMetrics
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     finished_indices: set[int] = field(default_factory=set)
@@ -116,6 +118,13 @@ class EngineCore:
         self._grammar_compiler = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[str, int]] = {}
+        # Child request id -> its group's timings, until the child is first scheduled (so a step
+        # only looks for first schedulings while some request still awaits one).
+        self._awaiting_schedule: dict[str, RequestMetrics] = {}
+        # Cumulative since start, for metrics: prompt tokens of requests that produced a first
+        # token (once per request, whatever n), and every token sampled (all samples).
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
 
     @property
     def max_model_len(self) -> int:
@@ -136,9 +145,11 @@ class EngineCore:
         params: SamplingParams,
         cache_salt: str | None = None,
         grammar: CompiledGrammar | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """`grammar`: the CompiledGrammar of params.structured_outputs if the caller compiled it off
-        this thread already (AsyncEngine does); otherwise it is compiled here."""
+        this thread already (AsyncEngine does); otherwise it is compiled here. `arrival_time`
+        (time.monotonic()): when the caller received the request; default now."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         vocab = self.loaded.arch_config.vocab_size
@@ -148,6 +159,7 @@ class EngineCore:
         self.scheduler.check_prompt(len(prompt_token_ids))
         if params.structured_outputs is not None and grammar is None:
             grammar = self.grammar_compiler.compile(params.structured_outputs)
+        metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         samples = []
         for index in range(params.n):
             child_id = request_id if params.n == 1 else f"{request_id}#{index}"
@@ -161,6 +173,7 @@ class EngineCore:
                 list(prompt_token_ids),
                 child_params,
                 cache_salt=cache_salt,
+                arrival_time=metrics.arrival_time,
                 generator=generator,
                 eos_token_ids=self.eos_token_ids,
                 grammar=grammar.matcher() if grammar is not None else None,
@@ -176,11 +189,13 @@ class EngineCore:
         for i, sample in enumerate(samples):
             self.scheduler.add_request(sample.request)
             self._child_to_group[sample.request.request_id] = (request_id, i)
+            self._awaiting_schedule[sample.request.request_id] = metrics
         self._groups[request_id] = _Group(
             request_id,
             list(prompt_token_ids),
             params,
             samples,
+            metrics,
             prompt_logprobs=[] if params.prompt_logprobs is not None else None,
         )
 
@@ -191,6 +206,7 @@ class EngineCore:
             return False
         for sample in group.samples:
             self._child_to_group.pop(sample.request.request_id, None)
+            self._awaiting_schedule.pop(sample.request.request_id, None)
             self.scheduler.finish_request(sample.request, FinishReason.ABORT)
         return True
 
@@ -198,6 +214,12 @@ class EngineCore:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        if self._awaiting_schedule:
+            scheduled_at = time.monotonic()
+            for s in out.scheduled:
+                metrics = self._awaiting_schedule.pop(s.request.request_id, None)
+                if metrics is not None and metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = scheduled_at
         # Where each request's chunk starts, before update() advances it: a request recomputed after
         # preemption gets prompt logprobs again for positions it already reported.
         chunk_starts = {s.request.request_id: s.request.num_computed_tokens for s in out.scheduled}
@@ -222,8 +244,13 @@ class EngineCore:
             touched.setdefault(group_id, {})[index] = delta
 
         outputs = []
+        now = time.monotonic()
         for group_id, deltas in touched.items():
             group = self._groups[group_id]
+            self.num_generation_tokens += len(deltas)
+            if group.metrics.first_token_time is None:
+                group.metrics.first_token_time = now
+                self.num_prompt_tokens += len(group.prompt_token_ids)
             for index, delta in deltas.items():
                 if delta.finish_reason is not None:
                     group.finished_indices.add(index)
@@ -231,6 +258,7 @@ class EngineCore:
             if finished:
                 # The final output carries every sample in full (and this step's deltas).
                 completions = [self._full_output(group, i, deltas.get(i)) for i in range(len(group.samples))]
+                group.metrics.finished_time = now
                 del self._groups[group_id]
                 for sample in group.samples:
                     self._child_to_group.pop(sample.request.request_id, None)
@@ -252,6 +280,7 @@ class EngineCore:
                     finished=finished,
                     prompt_logprobs=prompt_logprobs,
                     num_cached_tokens=max(first.num_cached_tokens, 0),
+                    metrics=group.metrics if finished else None,
                 )
             )
         return outputs

@@ -36,6 +36,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heron import __version__
 from heron.server.errors import APIError, bad_request, unknown_fields_error, validation_error
+from heron.server.metrics import (
+    METRICS_CONTENT_TYPE,
+    Metrics,
+    MetricsMiddleware,
+    RequestRecord,
+    format_request_log,
+)
 from heron.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -69,6 +76,7 @@ logger = logging.getLogger("heron.server")
 IGNORED_FIELDS_HEADER = "X-Heron-Ignored-Fields"
 REQUEST_ID_HEADER = "X-Request-Id"
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_LOGGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})  # one log line each
 # Paths still answered while draining: /health (which then says 503 itself) and monitoring.
 _DURING_DRAIN = frozenset({"/health", "/metrics"})
 
@@ -439,12 +447,14 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     app.state.settings = settings
     app.state.registry = registry
     admission = _Admission(settings.max_num_seqs + settings.max_queue_len)
+    metrics = app.state.metrics = Metrics(lambda: app.state.registry)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     # Flipped by the server runner on SIGTERM (heron.server.runner).
     drain = app.state.drain = Drain()
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        request_record(request).error = exc.code or exc.type
         return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -474,24 +484,26 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         if limiter.enabled:
             limiter.admit(_client_key(request), tokens)
 
-    def log_request(request: Request, model: str, status: int, started: float, **fields: Any) -> None:
-        if settings.disable_log_requests:
+    def request_record(request: Request) -> RequestRecord:
+        # MetricsMiddleware puts one in every request's state; a stand-in keeps a route working without.
+        record = getattr(request.state, "request_record", None)
+        return record if record is not None else RequestRecord()
+
+    def log_request(scope: dict, route: str, status: int, record: RequestRecord) -> None:
+        """One line per generation / embedding request once it has ended (MetricsMiddleware calls it)."""
+        if settings.disable_log_requests or route not in _LOGGED_ROUTES:
             return
-        extra = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
-        client = request.client.host if request.client else "-"
-        logger.info(
-            "request id=%s model=%s status=%d time=%.3fs client=%s %s",
-            request.state.request_id,
-            model,
-            status,
-            time.monotonic() - started,
-            client,
-            extra,
+        client = scope.get("client")
+        fields = record.log_fields(
+            scope.get("state", {}).get("request_id"), status, client[0] if client else None, time.monotonic()
         )
+        logger.info("%s", format_request_log(fields, settings.log_format))
 
     async def parse(request: Request, model_class: Any) -> tuple[Any, list[str]]:
         _authorize(request, settings.api_key)
         body = await _read_json(request)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request_record(request).model = body["model"][:256]  # for the log line, even if invalid
         parsed, unknown = _validate(body, model_class, settings.strict_fields)
         if unknown:
             logger.info("request id=%s ignored unknown fields: %s", request.state.request_id, ", ".join(unknown))
@@ -511,22 +523,28 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     @app.post("/v1/chat/completions", tags=["OpenAI"])
     async def create_chat_completion(request: Request) -> Response:
-        started = time.monotonic()
+        record = request_record(request)
         parsed, unknown = await parse(request, ChatCompletionRequest)
+        record.model, record.stream = parsed.model, bool(parsed.stream)
+        if settings.log_prompts:
+            record.prompt = [m.model_dump(exclude_none=True) for m in parsed.messages]
         model = generation_model(parsed.model)
         prepared = prepare_chat(parsed, model, settings.seed)
         await compile_chat(prepared)
         rate_limit(request, len(prepared.prompt_token_ids) + prepared.params.max_tokens * prepared.params.n)
         headers = _headers(unknown)
         with admission.slot():
-            outputs = model.engine.generate(
-                prepared.prompt_token_ids, prepared.params, prepared.response_id, grammar=prepared.grammar
+            record.finish_reasons, record.num_choices = prepared.finish_reasons, prepared.params.n
+            outputs = metrics.track(
+                model.engine.generate(
+                    prepared.prompt_token_ids, prepared.params, prepared.response_id, grammar=prepared.grammar
+                ),
+                record, model.name, len(prepared.prompt_token_ids), prepared.params.n,
             )
             if parsed.stream:
                 frames = _with_deadline(chat_stream(prepared, outputs), settings.request_timeout)
                 return _stream(
-                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission,
-                    lambda: log_request(request, parsed.model, 200, started, stream=True),
+                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission
                 )
             try:
                 response = await _until_disconnect(
@@ -536,17 +554,17 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 raise request_error_from(exc) from exc
             finally:
                 await outputs.aclose()
-        log_request(
-            request, parsed.model, 200, started,
-            prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
-            finish=",".join(c.finish_reason for c in response.choices),
-        )
+        record.num_prompt_tokens = response.usage.prompt_tokens
+        record.num_completion_tokens = response.usage.completion_tokens
         return _json(response, headers)
 
     @app.post("/v1/completions", tags=["OpenAI"])
     async def create_completion(request: Request) -> Response:
-        started = time.monotonic()
+        record = request_record(request)
         parsed, unknown = await parse(request, CompletionRequest)
+        record.model, record.stream = parsed.model, bool(parsed.stream)
+        if settings.log_prompts:
+            record.prompt = parsed.prompt
         model = generation_model(parsed.model)
         prepared = prepare_completion(parsed, model, settings.seed)
         await compile_completion(prepared)
@@ -556,9 +574,13 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         )
         headers = _headers(unknown)
         with admission.slot():
+            record.finish_reasons, record.num_choices = prepared.finish_reasons, len(prepared.prompts) * prepared.n
             streams = [
-                model.engine.generate(
-                    prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}", grammar=prepared.grammar
+                metrics.track(
+                    model.engine.generate(
+                        prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}", grammar=prepared.grammar
+                    ),
+                    record, model.name, len(prompt.token_ids), prepared.params.n,
                 )
                 for i, prompt in enumerate(prepared.prompts)
             ]
@@ -566,8 +588,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             if parsed.stream:
                 frames = _with_deadline(completion_stream(prepared, merged), settings.request_timeout)
                 return _stream(
-                    request, _with_keepalive(frames, settings.sse_keepalive), headers,
-                    admission, lambda: log_request(request, parsed.model, 200, started, stream=True),
+                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission
                 )
             try:
                 response = await _until_disconnect(
@@ -577,10 +598,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 raise request_error_from(exc) from exc
             finally:
                 await merged.aclose()
-        log_request(
-            request, parsed.model, 200, started,
-            prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
-        )
+        record.num_prompt_tokens = response.usage.prompt_tokens
+        record.num_completion_tokens = response.usage.completion_tokens
         return _json(response, headers)
 
     def _stream(
@@ -588,7 +607,6 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         frames: AsyncIterator[bytes],
         headers: dict[str, str],
         admission: _Admission,
-        on_done: Callable[[], None],
     ) -> StreamingResponse:
         # The admission slot is held by the route only until it returns; a stream takes its own
         # for as long as it runs.
@@ -601,7 +619,6 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             finally:
                 admission.inflight -= 1
                 await frames.aclose()
-                on_done()
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
@@ -609,8 +626,11 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     @app.post("/v1/embeddings", tags=["OpenAI"])
     async def create_embedding(request: Request) -> Response:
-        started = time.monotonic()
+        record = request_record(request)
         parsed, unknown = await parse(request, EmbeddingRequest)
+        record.model = parsed.model
+        if settings.log_prompts:
+            record.prompt = parsed.input
         model = models().get(parsed.model)
         if model.kind != "embed":
             raise bad_request(
@@ -651,7 +671,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         response = EmbeddingResponse(
             data=data, model=parsed.model, usage=EmbeddingUsage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens)
         )
-        log_request(request, parsed.model, 200, started, inputs=len(outputs), prompt_tokens=prompt_tokens)
+        record.num_prompt_tokens, record.extra["inputs"] = prompt_tokens, len(outputs)
         return _json(response, _headers(unknown))
 
     # ------------------------------------------------------------------- models, tokenizer
@@ -737,6 +757,11 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             }
         )
 
+    @app.get("/metrics", tags=["Heron"])
+    async def prometheus_metrics() -> Response:
+        # Open like /health (vLLM's /metrics needs no key either); engine gauges are read now.
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/version", tags=["Heron"])
     async def version() -> dict[str, str]:
         return {"version": __version__}
@@ -755,6 +780,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 "POST /tokenize",
                 "POST /detokenize",
                 "GET /health",
+                "GET /metrics",
                 "GET /version",
                 "GET /docs",
                 "GET /openapi.json",
@@ -781,6 +807,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             expose_headers=[REQUEST_ID_HEADER, IGNORED_FIELDS_HEADER],
         )
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain)
+    # Outermost, so that it also counts (and logs) what the middlewares inside it refuse.
+    app.add_middleware(MetricsMiddleware, metrics=metrics, on_end=log_request)
     return app
 
 

@@ -10,7 +10,7 @@ content deltas, one finish chunk per choice, the usage chunk when asked for, the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from heron.models.chat_template import ChatTemplateError
 from heron.outputs import FinishReason, RequestOutput
@@ -70,6 +70,8 @@ class PreparedChat:
     tools: ToolPlan | None = None
     constraint: Constraint | None = None
     grammar: CompiledGrammar | None = None  # set by compile_chat
+    # Choice index -> the finish_reason sent for it, filled as choices end (for the request log).
+    finish_reasons: dict[int, str] = field(default_factory=dict)
 
     def extractor(self) -> ToolCallExtractor | None:
         return ToolCallExtractor(self.tools) if self.tools is not None else None
@@ -255,6 +257,7 @@ async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOu
                 refusal=None,
             )
         message, finish_reason = _message(prepared, completion.text, _finish_reason(completion.finish_reason))
+        prepared.finish_reasons[completion.index] = finish_reason
         choices.append(
             ChatCompletionResponseChoice(
                 index=completion.index,
@@ -316,6 +319,7 @@ async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                     finish_reason = _finish_reason(completion.finish_reason)
                     if extractor is not None:
                         finish_reason = _with_calls(finish_reason, prepared, bool(extractor.calls))
+                    prepared.finish_reasons[index] = finish_reason
                     yield chunk(
                         [
                             ChatCompletionResponseStreamChoice(

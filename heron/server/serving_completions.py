@@ -62,6 +62,8 @@ class PreparedCompletion:
     extra: dict = field(default_factory=dict)
     constraint: Constraint | None = None
     grammar: CompiledGrammar | None = None  # set by compile_completion
+    # Choice index -> the finish_reason sent for it, filled as choices end (for the request log).
+    finish_reasons: dict[int, str] = field(default_factory=dict)
 
 
 def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPrompt]:
@@ -192,12 +194,15 @@ async def completion_response(
                 logprobs = CompletionLogprobs(
                     text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=tops
                 )
+            finish_reason = prepared.finish_reasons[p * prepared.n + i] = _finish(
+                completion.finish_reason, prepared.score_only
+            )
             choices.append(
                 CompletionResponseChoice(
                     index=p * prepared.n + i,
                     text=(_prompt_text(prepared, prompt) + body) if prepared.echo else body,
                     logprobs=logprobs,
-                    finish_reason=_finish(completion.finish_reason, prepared.score_only),
+                    finish_reason=finish_reason,
                     stop_reason=None if prepared.score_only else completion.stop_reason,
                 )
             )
@@ -282,12 +287,13 @@ async def completion_stream(
                     yield chunk([CompletionResponseStreamChoice(index=index, text=delta_text, logprobs=logprobs)])
                 if completion.finish_reason is not None:
                     finished.add(index)
+                    finish_reason = prepared.finish_reasons[index] = _finish(completion.finish_reason, prepared.score_only)
                     yield chunk(
                         [
                             CompletionResponseStreamChoice(
                                 index=index,
                                 text="",
-                                finish_reason=_finish(completion.finish_reason, prepared.score_only),
+                                finish_reason=finish_reason,
                                 stop_reason=None if prepared.score_only else completion.stop_reason,
                             )
                         ]

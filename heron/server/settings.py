@@ -40,6 +40,13 @@ def _bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _log_format(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise argparse.ArgumentTypeError(f"not a log format: {text!r} (text or json)")
+    return value
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -72,6 +79,8 @@ class ServerSettings:
     sse_keepalive: float = 0.0  # seconds; 0 = off
     strict_fields: bool = False
     disable_log_requests: bool = False
+    log_format: str = "text"  # the per-request log line: "text" (key=value) or "json"
+    log_prompts: bool = False  # put the request's prompt / messages / input in its log line
     log_level: str = "info"
 
     @classmethod
@@ -183,11 +192,19 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         "send an SSE comment every N seconds while a stream waits for its first token (default 0 = off)",
     ),
     ("log_level", ("--log-level",), "HERON_LOG_LEVEL", str, "debug | info | warning | error"),
+    (
+        "log_format",
+        ("--log-format",),
+        "HERON_LOG_FORMAT",
+        _log_format,
+        "per-request log line: text (key=value, default) or json (one JSON object per request)",
+    ),
 ]
 _FLAGS: list[tuple[str, str, str, str]] = [
     ("enable_prefix_caching", "--enable-prefix-caching", "HERON_ENABLE_PREFIX_CACHING", "reuse KV blocks of shared prompt prefixes (default on)"),
     ("strict_fields", "--strict-fields", "HERON_STRICT_FIELDS", "reject unknown request fields with 400 instead of ignoring them"),
     ("disable_log_requests", "--disable-log-requests", "HERON_DISABLE_LOG_REQUESTS", "no log line per request"),
+    ("log_prompts", "--log-prompts", "HERON_LOG_PROMPTS", "include the prompt (messages, prompt or input) in each request's log line (default off)"),
 ]
 
 
