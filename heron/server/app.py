@@ -19,9 +19,11 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
+from urllib.parse import quote
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -209,14 +211,46 @@ async def _read_json(request: Request) -> Any:
             )
     raw = await request.body()
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not JSON, not UTF-8, or an integer too long to read; RecursionError: nesting
+        # deeper than the parser goes.
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise APIError(
             400,
             "We could not parse the JSON body of your request. The server expects a JSON payload, but what was "
-            f"sent was not valid JSON ({exc}).",
+            f"sent was not valid JSON ({reason}).",
             code="invalid_json",
         ) from exc
+    # JSON may escape half a surrogate pair (\ud800): valid JSON, but no Unicode text; the
+    # tokenizer cannot encode it. Only bodies that escape a surrogate at all are walked.
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(body):
+        raise APIError(
+            400,
+            "The request body contains a lone UTF-16 surrogate escape (e.g. \\ud800), which is not valid Unicode text.",
+            code="invalid_json",
+        )
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _validate(body: Any, model_class: type[BaseModel] | Any, strict_fields: bool) -> tuple[Any, list[str]]:
@@ -322,7 +356,9 @@ def _json(model: BaseModel, headers: dict[str, str] | None = None) -> Response:
 
 
 def _headers(unknown: list[str]) -> dict[str, str]:
-    return {IGNORED_FIELDS_HEADER: ", ".join(unknown)} if unknown else {}
+    # Field names are the caller's: percent-encode anything a header value cannot carry (non-ASCII,
+    # control characters such as CR/LF).
+    return {IGNORED_FIELDS_HEADER: ", ".join(quote(name, safe="[]._-$@") for name in unknown)} if unknown else {}
 
 
 # ---------------------------------------------------------------------------------------------

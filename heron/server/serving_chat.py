@@ -134,6 +134,8 @@ def render_chat_prompt(
         )
     except ChatTemplateError as exc:
         raise bad_request(f"The chat template rejected the messages: {exc}", param="messages") from exc
+    except RecursionError as exc:
+        raise bad_request("'chat_template_kwargs' or the messages are nested too deeply.", param="chat_template_kwargs") from exc
 
 
 def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_seed: int | None) -> PreparedChat:
