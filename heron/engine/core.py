@@ -287,14 +287,15 @@ class EngineCore:
 
     def _advance(self, sample: _Sample, request: Request, token_id: int, logprob: TokenLogprob | None) -> CompletionOutput:
         """Detokenize one new token, apply stop strings, and describe what this sample added."""
-        params = sample.request.sampling_params
+        params = request.sampling_params
         finished_by_token = (
             request.is_finished
             and request.finish_reason == FinishReason.STOP
             and (token_id in request.eos_token_ids or token_id in params.stop_token_ids)
         )
-        # An EOS or stop token ends the text without appearing in it (vLLM and OpenAI alike).
-        if not finished_by_token or sample.request.sampling_params.include_stop_str_in_output:
+        # An EOS or stop token ends the text without appearing in it (vLLM and OpenAI alike); a
+        # completed grammar ends it on a token that does appear.
+        if not finished_by_token or params.include_stop_str_in_output:
             stop_string = sample.detokenizer.update([token_id])
             if stop_string is not None:
                 self.scheduler.finish_request(request, FinishReason.STOP)

@@ -732,10 +732,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             tools = None
             if parsed.tools:
                 # The prompt a chat request with these tools (tool_choice "auto") would get.
-                tools = ToolPlan(
-                    [tool.model_dump(exclude_none=True) for tool in parsed.tools], "auto", None, True, False,
-                    model.tool_call_parser,
-                )
+                tools = ToolPlan.auto([tool.model_dump(exclude_none=True) for tool in parsed.tools], model.tool_call_parser)
             prompt = render_chat_prompt(
                 model,
                 parsed.messages,

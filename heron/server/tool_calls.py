@@ -45,6 +45,11 @@ class ToolPlan:
     parser: str  # heron.parsers name for "auto"
     param: str = "tools"  # the request field errors about these tools name
 
+    @classmethod
+    def auto(cls, tools: list[dict[str, Any]], parser: str) -> ToolPlan:
+        """The plan of a request that offers `tools` and lets the model choose (tool_choice "auto")."""
+        return cls(tools, "auto", None, True, False, parser)
+
     @property
     def names(self) -> list[str]:
         return [tool["function"]["name"] for tool in self.tools]

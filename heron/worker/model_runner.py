@@ -11,6 +11,7 @@ state advanced by the token they sample.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -154,24 +155,25 @@ class ModelRunner:
         )
         return batch, order, logits_rows
 
-    def _sampled_requests(self, out: SchedulerOutput) -> list[Request]:
-        """Requests whose chunk this step reaches the end of their known tokens: they sample."""
-        return [s.request for s in out.scheduled if s.request.num_computed_tokens + s.num_tokens == s.request.num_tokens]
-
-    def _start_grammar_masks(self, requests: list[Request]):
-        matchers = []
-        for req in requests:
-            matcher = req.grammar
-            if matcher is not None and matcher.is_error():
+    def _start_grammar_masks(self, out: SchedulerOutput) -> tuple[list[Request], Future | None]:
+        """Start the masks of the requests that sample under a grammar this step (those whose chunk
+        reaches the end of their known tokens); returns them and the pending masks."""
+        constrained = []
+        for s in out.scheduled:
+            req = s.request
+            if req.grammar is None or req.num_computed_tokens + s.num_tokens != req.num_tokens:
+                continue
+            if req.grammar.is_error():
                 # Only a token outside the mask can get here; keep the request alive, unconstrained.
-                logger.error("request %s: grammar state failed (%s); decoding unconstrained", req.request_id, matcher.get_error())
-                req.grammar = matcher = None
-            matchers.append(matcher)
-        if not any(m is not None for m in matchers):
-            return matchers, None
+                logger.error("request %s: grammar state failed (%s); decoding unconstrained", req.request_id, req.grammar.get_error())
+                req.grammar = None
+                continue
+            constrained.append(req)
+        if not constrained:
+            return [], None
         if self._grammar_masks is None:
             self._grammar_masks = GrammarBitmask(self.vocab_size)
-        return matchers, self._grammar_masks.start(matchers)
+        return constrained, self._grammar_masks.start([req.grammar for req in constrained])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -181,7 +183,7 @@ class ModelRunner:
             self.model(batch)
             return result
         # Masks are computed on another thread while the model runs.
-        matchers, pending_masks = self._start_grammar_masks(self._sampled_requests(out))
+        constrained, pending_masks = self._start_grammar_masks(out)
         hidden = self.model(batch)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         row_of = {r: i for i, r in enumerate(logits_rows)}
@@ -205,9 +207,8 @@ class ModelRunner:
         if sample_reqs:
             masks = {}
             if pending_masks is not None:
-                sampled_in_schedule_order = self._sampled_requests(out)
-                for req, mask in zip(sampled_in_schedule_order, self._grammar_masks.wait(pending_masks, matchers)):
-                    masks[req.request_id] = mask
+                rows = self._grammar_masks.wait(pending_masks, [req.grammar for req in constrained])
+                masks = {req.request_id: mask for req, mask in zip(constrained, rows)}
             rows = [
                 SamplingRow(
                     params=req.sampling_params,
