@@ -33,6 +33,9 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    # The final token (an EOS or stop token) ended the text without appearing in it, so the text
+    # has one token less than token_ids (usage counts it; logprobs shown with the text leave it out).
+    last_token_hidden: bool = False
     # Streaming: what this update added.
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)

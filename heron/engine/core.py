@@ -40,6 +40,7 @@ class _Sample:
     request: Request
     detokenizer: Detokenizer
     logprobs: list[TokenLogprob] | None
+    last_token_hidden: bool = False  # see CompletionOutput.last_token_hidden
 
 
 @dataclass
@@ -305,6 +306,7 @@ class EngineCore:
         if sample.logprobs is not None and logprob is not None:
             sample.logprobs.append(logprob)
         finished = request.is_finished
+        sample.last_token_hidden = finished_by_token and not params.include_stop_str_in_output
         return CompletionOutput(
             index=self._child_to_group[request.request_id][1],
             delta_text=sample.detokenizer.get_delta(finished=finished),
@@ -312,6 +314,7 @@ class EngineCore:
             delta_logprobs=[logprob] if logprob is not None else None,
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason if finished else None,
+            last_token_hidden=sample.last_token_hidden,
         )
 
     def _full_output(self, group: _Group, index: int, delta: CompletionOutput | None) -> CompletionOutput:
@@ -326,4 +329,5 @@ class EngineCore:
             logprobs=sample.logprobs,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            last_token_hidden=sample.last_token_hidden,
         )

@@ -254,7 +254,7 @@ async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOu
         if prepared.top_logprobs is not None:
             logprobs = ChatCompletionLogprobs(
                 content=chat_logprobs(
-                    shown_logprobs(completion.logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids), text, prepared.top_logprobs
+                    shown_logprobs(completion.logprobs, completion), text, prepared.top_logprobs
                 ),
                 refusal=None,
             )
@@ -300,7 +300,7 @@ async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                 if index in finished:
                     continue
                 logprobs = None
-                shown = shown_logprobs(completion.delta_logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids)
+                shown = shown_logprobs(completion.delta_logprobs, completion)
                 if prepared.top_logprobs is not None and shown:
                     logprobs = ChatCompletionLogprobs(
                         content=chat_logprobs(shown, text, prepared.top_logprobs), refusal=None

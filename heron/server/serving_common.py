@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from heron.outputs import FinishReason, RequestOutput, TokenLogprob
+from heron.outputs import RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol import (
@@ -156,21 +156,12 @@ class TokenText:
         return hit
 
 
-def shown_logprobs(
-    entries: list[TokenLogprob] | None, completion, params: SamplingParams, eos_token_ids: tuple[int, ...]
-) -> list[TokenLogprob]:
+def shown_logprobs(entries: list[TokenLogprob] | None, completion) -> list[TokenLogprob]:
     """The logprobs of the tokens the text shows: an EOS or stop token that ended the text without
-    appearing in it is left out, so the tokens join back to the content, as in OpenAI. (A grammar
-    that completes also ends a choice with "stop", on a token the text does show.)"""
+    appearing in it (the engine says so) is left out, so the tokens join back to the content, as in
+    OpenAI."""
     entries = list(entries or [])
-    ended_by_token = (
-        completion.finish_reason == FinishReason.STOP
-        and not isinstance(completion.stop_reason, str)
-        and not params.include_stop_str_in_output
-        and bool(entries)
-        and (entries[-1].token_id in eos_token_ids or entries[-1].token_id in params.stop_token_ids)
-    )
-    return entries[:-1] if ended_by_token else entries
+    return entries[:-1] if completion.last_token_hidden and entries else entries
 
 
 def chat_logprobs(entries: list[TokenLogprob], text: TokenText, top_n: int) -> list[ChatCompletionTokenLogprob]:

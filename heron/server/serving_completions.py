@@ -183,7 +183,7 @@ async def completion_response(
             completion_tokens += len(token_ids)
             logprobs = None
             if prepared.logprobs is not None:
-                entries: list = [] if prepared.score_only else shown_logprobs(completion.logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids)
+                entries: list = [] if prepared.score_only else shown_logprobs(completion.logprobs, completion)
                 ids = list(token_ids)
                 if prepared.echo:
                     entries = list(final.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
@@ -272,7 +272,7 @@ async def completion_stream(
                     )
                 delta_text = "" if prepared.score_only else completion.delta_text
                 logprobs = None
-                shown = shown_logprobs(completion.delta_logprobs, completion, prepared.params, prepared.model.loaded.eos_token_ids)
+                shown = shown_logprobs(completion.delta_logprobs, completion)
                 if prepared.logprobs is not None and shown and not prepared.score_only:
                     tokens, lps, tops, offs, end = completion_logprob_lists(
                         shown,
