@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -79,6 +84,102 @@ class Server:
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# =============================================================================================
+# Server processes (here rather than in conftest.py: test modules import them, and `conftest` is
+# not a unique module name across test directories)
+# =============================================================================================
+
+
+STARTUP_TIMEOUT_S = 90.0  # the model loads in ~3 s; generous for a loaded 2-core CI machine
+SHUTDOWN_TIMEOUT_S = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _heron_command() -> list[str]:
+    # The console script installed next to this interpreter (.venv/bin/heron), as a user runs it.
+    script = Path(sys.executable).with_name("heron")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("heron")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "heron.cli"]
+
+
+def _clean_env(extra: dict[str, str]) -> dict[str, str]:
+    # A developer's own HERON_* settings must not leak into the servers under test.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HERON_")}
+    env.update(extra)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def stop_server(server: Server) -> str | None:
+    """Ctrl-C the server's process group; SIGKILL it if it lingers. Returns a problem, if any."""
+    process = server.process
+    if process.poll() is not None:
+        return f"{server.name} server had already exited with {process.returncode} before teardown"
+    problem = None
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=SHUTDOWN_TIMEOUT_S)
+        if process.returncode not in (0, -signal.SIGINT, 128 + signal.SIGINT):
+            problem = f"{server.name} server exited with {process.returncode} on Ctrl-C"
+    except subprocess.TimeoutExpired:
+        problem = f"{server.name} server did not exit within {SHUTDOWN_TIMEOUT_S:.0f} s of Ctrl-C"
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # our own process group only: children too
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
+    return problem
+
+
+def start_server(
+    name: str, tmp_dir: Path, args: list[str], env: dict[str, str], *, uvicorn_app: str | None = None, **info
+) -> Server:
+    """Start `heron serve ARGS`, or with `uvicorn_app` the importable app under plain uvicorn."""
+    port = _free_port()
+    if uvicorn_app is None:
+        argv = [*_heron_command(), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", uvicorn_app, "--host", "127.0.0.1", "--port", str(port), *args]
+    log_path = tmp_dir / f"{name}-server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=_clean_env(env),
+            start_new_session=True,
+        )
+    server = Server(name=name, base_url=f"http://127.0.0.1:{port}", port=port, process=process, log_path=log_path, argv=argv, **info)
+    headers = {"Authorization": f"Bearer {server.api_key}"} if server.api_key else {}
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"`{' '.join(argv)}` exited with {process.returncode} during start-up")
+            try:
+                if httpx.get(f"{server.base_url}/health", headers=headers, timeout=2.0).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} server not healthy within {STARTUP_TIMEOUT_S:.0f} s")
+            time.sleep(0.2)
+    except BaseException as exc:
+        stop_server(server)
+        raise RuntimeError(f"{exc}\n--- {log_path} (tail) ---\n{server.log_tail()}") from None
 
 
 # =============================================================================================

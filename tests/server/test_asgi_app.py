@@ -4,8 +4,7 @@ in their own deployments: the model and options come from HERON_* environment va
 from __future__ import annotations
 
 import pytest
-from conftest import _start, _stop
-from server_helpers import make_client
+from server_helpers import make_client, start_server, stop_server
 
 from heron.models.bundled import default_chat_model_path, default_embedding_model_path
 
@@ -13,7 +12,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_uvicorn_runs_the_app_from_environment(tmp_path, response_checker):
-    server = _start(
+    server = start_server(
         "asgi",
         tmp_path,
         [],
@@ -49,5 +48,5 @@ def test_uvicorn_runs_the_app_from_environment(tmp_path, response_checker):
             too_long = http.post("/v1/completions", json={"model": "smol", "prompt": "hi", "max_tokens": 600})
             assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
     finally:
-        problem = _stop(server)
+        problem = stop_server(server)
     assert problem is None, f"{problem}\n{server.log_tail()}"

@@ -32,7 +32,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import _start, _stop
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
@@ -46,6 +45,8 @@ from server_helpers import (
     check_schema,
     make_client,
     parse_sse,
+    start_server,
+    stop_server,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -438,7 +439,7 @@ def fuzz_server(tmp_path_factory) -> Iterator[Server]:
     """A server of this module's own, configured as the session's default one: the garbage sent
     here, and the 500s of the pinned bugs (tracebacks in the log, connections closed by uvicorn),
     stay away from the server the other test files share."""
-    srv = _start(
+    srv = start_server(
         "fuzz",
         tmp_path_factory.mktemp("heron-fuzz"),
         ["--max-model-len", str(DEFAULT_MAX_MODEL_LEN)],
@@ -446,7 +447,7 @@ def fuzz_server(tmp_path_factory) -> Iterator[Server]:
         max_model_len=DEFAULT_MAX_MODEL_LEN,
     )
     yield srv
-    problem = _stop(srv)
+    problem = stop_server(srv)
     assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
 
 

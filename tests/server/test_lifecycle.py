@@ -15,8 +15,7 @@ import time
 
 import httpx
 import pytest
-from conftest import _start, _stop
-from server_helpers import DEFAULT_MODEL
+from server_helpers import DEFAULT_MODEL, start_server, stop_server
 
 KEYS = ["sk-lifecycle-a", "sk-lifecycle-b", "sk-lifecycle-c", "sk-lifecycle-d"]
 RPM, TPM = 2, 400
@@ -45,7 +44,7 @@ def _envelope(response: httpx.Response, status: int, code: str) -> dict:
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory):
-    srv = _start(
+    srv = start_server(
         "limited",
         tmp_path_factory.mktemp("heron-limited"),
         [
@@ -60,7 +59,7 @@ def limited(tmp_path_factory):
     )
     yield srv
     if srv.process.poll() is None:
-        _stop(srv)
+        stop_server(srv)
 
 
 def _idle(base_url: str, key: str) -> dict:
@@ -138,7 +137,7 @@ def test_second_signal_exits_at_once(limited):
 
 @pytest.fixture(scope="module")
 def draining(tmp_path_factory):
-    srv = _start(
+    srv = start_server(
         "draining",
         tmp_path_factory.mktemp("heron-draining"),
         ["--max-model-len", "1024", "--drain-timeout", "6"],
@@ -146,7 +145,7 @@ def draining(tmp_path_factory):
     )
     yield srv
     if srv.process.poll() is None:
-        _stop(srv)
+        stop_server(srv)
 
 
 def _read_stream(response: httpx.Response, into: dict) -> None:

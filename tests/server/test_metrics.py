@@ -15,9 +15,17 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import _start, _stop
 from prometheus_client.parser import text_string_to_metric_families
-from server_helpers import CHAT_PATH, COMPLETIONS_PATH, DEFAULT_MODEL, Server, make_client, stream_post
+from server_helpers import (
+    CHAT_PATH,
+    COMPLETIONS_PATH,
+    DEFAULT_MODEL,
+    Server,
+    make_client,
+    start_server,
+    stop_server,
+    stream_post,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -246,7 +254,7 @@ JSON_KEY = "metrics-key"
 
 @pytest.fixture(scope="module")
 def json_server(tmp_path_factory) -> Iterator[Server]:
-    srv = _start(
+    srv = start_server(
         "json-log",
         tmp_path_factory.mktemp("heron-json-log"),
         ["--log-format", "json", "--log-prompts", "--max-model-len", "512"],
@@ -255,7 +263,7 @@ def json_server(tmp_path_factory) -> Iterator[Server]:
         max_model_len=512,
     )
     yield srv
-    problem = _stop(srv)
+    problem = stop_server(srv)
     assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
 
 
