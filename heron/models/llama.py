@@ -18,6 +18,7 @@ from heron.models.layers.activation import gated_activation
 from heron.models.layers.attention import Attention
 from heron.models.layers.linear import Linear
 from heron.models.layers.norm import RMSNorm
+from heron.models.layers.quantized import Embedding, QuantizedTensor
 from heron.models.layers.rotary import RotaryEmbedding, apply_rotary
 from heron.worker.forward_batch import ForwardBatch
 
@@ -79,7 +80,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ArchConfig, layer_class: type[LlamaDecoderLayer]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -99,9 +100,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.layer_class)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -119,7 +122,19 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the sampler's precision) for the given hidden rows."""
+        if self.config.tie_word_embeddings and self.model.embed_tokens.qweight is not None:
+            return self.model.embed_tokens.project(hidden)
         return self.lm_head(hidden).float()
+
+    @classmethod
+    def module_of(cls, name: str) -> str:
+        """The module a checkpoint tensor loads into: 'model.layers.0.self_attn.k_proj.weight' ->
+        'model.layers.0.self_attn.qkv_proj' (fused projections share one module)."""
+        module_name = name.rpartition(".")[0]
+        for part, (fused, _) in cls._fused_shards.items():
+            if module_name.endswith("." + part):
+                return module_name[: -len(part)] + fused
+        return module_name
 
     def _shard_sizes(self, fused: str) -> list[int]:
         attn = self.model.layers[0].self_attn
@@ -155,6 +170,11 @@ class LlamaForCausalLM(nn.Module):
                         raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected {sizes[shard]} rows")
                     module.load_shard(kind, tensor, sum(sizes[:shard]))
                     loaded.add(f"{module_name}.{kind}#{shard}")
+                elif isinstance(tensor, QuantizedTensor):
+                    if not isinstance(module, Embedding):
+                        raise ValueError(f"weight {name!r} cannot be kept as {tensor.qtype} blocks")
+                    module.load_quantized(tensor)
+                    loaded.add(f"{name}#0")
                 elif name in params:
                     if params[name].shape != tensor.shape:
                         raise ValueError(
@@ -173,6 +193,9 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(self._checkpoint_name(key) for key in expected - loaded)
         if missing:
             raise ValueError(f"missing weights for {self.config.architecture}: {missing[:8]}")
+        if self.config.tie_word_embeddings:
+            # A table kept as blocks replaced the float parameter: tie again so the old one is freed.
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def _checkpoint_name(self, key: str) -> str:
         """'...qkv_proj.weight#1' -> '...k_proj.weight': name a missing shard as the checkpoint does."""

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
+from heron import kernels
 from heron.models.arch_config import ArchConfig
 from heron.models.bundled import default_chat_model_path
 from heron.models.gguf import GGUFFile, hf_tensor_name, unpermute_qk
+from heron.models.layers.quantized import QuantizedTensor
 from heron.models.registry import EMBEDDING_ARCHITECTURES, resolve_model_class
 from heron.models.tokenizer import Tokenizer
 
@@ -124,7 +126,27 @@ def _materialise(model_class: type, config: ArchConfig, dtype: torch.dtype, devi
     return model.eval()
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+def _blocks_to_keep(gguf: GGUFFile, model_class: type, dtype: torch.dtype, device: torch.device) -> set[str]:
+    """GGUF tensors to keep as blocks for the CPU kernels: every weight of a module (fused Q/K/V and
+    gate/up count as one) whose tensors all have a type the kernels read. Float32 on CPU only."""
+    if device.type != "cpu" or dtype != torch.float32 or not hasattr(model_class, "module_of"):
+        return set()
+    if not kernels.available():
+        return set()
+    by_module: dict[str, list] = {}
+    for t in gguf.tensors:
+        name = hf_tensor_name(t.name)
+        if name is None or not name.endswith(".weight") or len(t.shape) != 2:
+            continue
+        by_module.setdefault(model_class.module_of(name), []).append(t)
+    keep = set()
+    for tensors in by_module.values():
+        if all(t.qtype.name in kernels.QTYPE_CODES and t.shape[1] % 32 == 0 for t in tensors):
+            keep.update(t.name for t in tensors)
+    return keep
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool, keep_quantized: bool) -> LoadedModel:
     gguf = GGUFFile(path)
     names = set(gguf.tensor_names)
     config = ArchConfig.from_gguf(gguf, has_output_weight="output.weight" in names)
@@ -134,25 +156,41 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
         freq_factors = next(t for n, t in gguf.iter_tensors(torch.float32, only={"rope_freqs.weight"}))
     model = _materialise(model_class, config, dtype, device, rope_freq_factors=freq_factors)
     permute = gguf.architecture in _PERMUTED_QK_ARCHS
+    keep = _blocks_to_keep(gguf, model_class, dtype, device) if keep_quantized else set()
+    qtypes = {t.name: t.qtype.name for t in gguf.tensors}
     update = _progress(f"Loading {path.name}", len(names), progress)
 
-    def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for i, (gguf_name, tensor) in enumerate(gguf.iter_tensors(dtype), 1):
+    def tensors() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        for gguf_name, tensor in gguf.iter_tensors(dtype, only=names - keep):
+            yield gguf_name, tensor.to(device)
+        for t in gguf.tensors:
+            if t.name in keep:
+                yield t.name, QuantizedTensor(qtypes[t.name], gguf.raw_blocks(t.name), (t.shape[0], t.shape[1]))
+
+    def weights() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+        for i, (gguf_name, tensor) in enumerate(tensors(), 1):
             update(i)
             name = hf_tensor_name(gguf_name)
             if name is None:
                 if gguf_name == "rope_freqs.weight":
                     continue
                 raise ValueError(f"GGUF tensor {gguf_name!r} has no place in {config.architecture}")
-            if permute and name.endswith("q_proj.weight"):
-                tensor = unpermute_qk(tensor, config.num_attention_heads)
-            elif permute and name.endswith("k_proj.weight"):
-                tensor = unpermute_qk(tensor, config.num_key_value_heads)
-            yield name, tensor.to(device)
+            for suffix, heads in (("q_proj.weight", config.num_attention_heads), ("k_proj.weight", config.num_key_value_heads)):
+                if permute and name.endswith(suffix):
+                    if isinstance(tensor, QuantizedTensor):
+                        # Blocks run along a row, so permuting rows moves whole rows of blocks.
+                        tensor = tensor.with_blocks(unpermute_qk(tensor.blocks, heads))
+                    else:
+                        tensor = unpermute_qk(tensor, heads)
+            yield name, tensor
 
     model.load_weights(weights())
     tokenizer = Tokenizer.from_gguf(gguf.metadata)
     types = gguf.tensor_types()
+    quantization = ", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
+    if keep:
+        kept = sorted({qtypes[n] for n in keep})
+        quantization += f"; {len(keep)} matrices run from their {'/'.join(kept)} blocks (CPU kernels)"
     return LoadedModel(
         model=model,
         arch_config=config,
@@ -162,7 +200,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
         generation=GenerationDefaults(eos_token_ids=config.eos_token_ids),
         source=str(path),
         source_format="gguf",
-        quantization=", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1])),
+        quantization=quantization,
         num_parameters=gguf.num_parameters,
         dtype=dtype,
         device=device,
@@ -272,10 +310,13 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     progress: bool = True,
+    keep_quantized: bool = True,
 ) -> LoadedModel:
+    """keep_quantized: run GGUF matrices from their blocks where the CPU kernels can (float32 on an
+    AVX2 CPU); False dequantizes every tensor to `dtype` at load time."""
     path = resolve_model_path(None if model is None else str(model))
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if path.is_file():
-        return _load_gguf(path, torch_dtype, torch_device, progress)
+        return _load_gguf(path, torch_dtype, torch_device, progress, keep_quantized)
     return _load_hf_dir(path, torch_dtype, torch_device, progress)

@@ -37,6 +37,7 @@ class ForwardBatch:
     slot_mapping: torch.Tensor | None = None  # [num_tokens] cache slot of each new token
     decode_slots: torch.Tensor | None = None  # [num_decodes, max_len] slots to gather
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_len] True = attend
+    decode_lens: torch.Tensor | None = None  # [num_decodes] positions each decode attends to
 
     @classmethod
     def for_sequences(cls, sequences: list[list[int]], device: torch.device | str = "cpu") -> "ForwardBatch":

@@ -119,7 +119,7 @@ class ModelRunner:
                 span.mask = torch.ones(s.num_tokens, end_pos, dtype=torch.bool, device=self.device).tril(start_pos)
             spans.append(span)
 
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = decode_lens = None
         if decodes:
             lengths = [s.request.num_computed_tokens + 1 for s in decodes]
             max_len = max(lengths)
@@ -128,7 +128,8 @@ class ModelRunner:
                 slots = self._slots(s.block_ids, 0, length)
                 rows.append(slots + [0] * (max_len - length))
             decode_slots = torch.tensor(rows, device=self.device)
-            decode_mask = (torch.arange(max_len, device=self.device).unsqueeze(0) < torch.tensor(lengths, device=self.device).unsqueeze(1))
+            decode_lens = torch.tensor(lengths, device=self.device)
+            decode_mask = (torch.arange(max_len, device=self.device).unsqueeze(0) < decode_lens.unsqueeze(1))
             decode_mask = decode_mask[:, None, None, :]
 
         # Which rows need logits: each request's last row when this step completes its known tokens,
@@ -152,6 +153,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_lens=decode_lens,
         )
         return batch, order, logits_rows
 

@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from heron import kernels
+from heron.models.layers.linear import Linear
 from heron.models.layers.rotary import RotaryEmbedding
 from heron.models.loader import LoadedModel, load_model
 from heron.worker.forward_batch import ForwardBatch
@@ -131,6 +133,25 @@ def test_smollm2_gguf_logits_match_transformers_on_real_text(smollm2, smollm2_te
     accuracy = (ours[:-1].argmax(-1) == next_ids).float().mean().item()
     print(f"smollm2 next-token accuracy on the text: {accuracy:.3f}")
     assert accuracy >= 0.3
+
+
+@pytest.mark.skipif(not kernels.available(), reason="CPU kernels need x86-64 with AVX2/FMA/F16C and a C compiler")
+def test_smollm2_runs_from_its_gguf_blocks_as_the_dequantized_model_does(smollm2_gguf_path, smollm2, smollm2_text_ids):
+    # The default load keeps the Q4_1/Q8_0 blocks for the CPU kernels and frees the float copies.
+    model = smollm2.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.qtype == "Q4_1" and m.weight.numel() == 0 for m in linears)
+    assert model.model.embed_tokens.qtype == "Q8_0" and model.model.embed_tokens.weight.numel() == 0
+    assert model.lm_head.weight.numel() == 0  # tied: the float table is gone for the head too
+    assert "run from their Q4_1/Q8_0 blocks" in smollm2.quantization
+    dense = load_model(smollm2_gguf_path, dtype="float32", device="cpu", progress=False, keep_quantized=False)
+    assert all(m.qweight is None for m in dense.model.modules() if isinstance(m, Linear))
+    [ours] = heron_logits(smollm2, [smollm2_text_ids])
+    [reference] = heron_logits(dense, [smollm2_text_ids])
+    max_diff, agreement = compare(ours, reference)
+    print(f"\nblocks vs dequantized float32: max |diff| {max_diff:.3g}, top-1 agree {agreement:.4f}")
+    assert max_diff <= 1e-3  # the same weights; only summation order differs
+    assert agreement >= 0.99
 
 
 def test_smollm2_gguf_packed_batch_matches_each_sequence_alone(

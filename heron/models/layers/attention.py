@@ -1,9 +1,11 @@
-"""Attention over the paged KV cache, with PyTorch's scaled_dot_product_attention.
+"""Attention over the paged KV cache.
 
 New K/V rows are written into the cache slots the scheduler assigned, then: all decode tokens of the
-batch attend in one padded SDPA call over K/V gathered from their block tables, and each prefill
-chunk attends causally (to its cached context too, when it has one). The same code runs on CPU and
-CUDA; SDPA picks the fused kernel each device has.
+batch attend together, and each prefill chunk attends causally (to its cached context too, when it
+has one), with PyTorch's scaled_dot_product_attention (the fused kernel each device has). On a CPU
+with Heron's kernels, decodes instead read K/V in place through their slot lists
+(heron.kernels.paged_decode_attention): gathering every sequence's cache into a padded copy for
+SDPA cost more than the attention itself.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from heron import kernels
 from heron.worker.forward_batch import ForwardBatch
 
 
@@ -35,7 +38,9 @@ class Attention(torch.nn.Module):
             v_cache.index_copy_(0, batch.slot_mapping, v)
 
         n = batch.num_decodes
-        if n:
+        if n and self._paged_kernel(k_cache, batch):
+            out[:n] = kernels.paged_decode_attention(q[:n], k_cache, v_cache, batch.decode_slots, batch.decode_lens, self.scale)
+        elif n:
             qd = q[:n].unsqueeze(2)  # [B, H, 1, D]
             kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
             vd = v_cache[batch.decode_slots].transpose(1, 2)
@@ -65,3 +70,13 @@ class Attention(torch.nn.Module):
             )
             out[span.start : span.end] = os_[0].transpose(0, 1)
         return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _paged_kernel(self, k_cache: torch.Tensor | None, batch: ForwardBatch) -> bool:
+        return (
+            k_cache is not None
+            and batch.decode_lens is not None
+            and k_cache.device.type == "cpu"
+            and k_cache.dtype == torch.float32
+            and self.head_dim % 8 == 0
+            and kernels.available()
+        )

@@ -1,0 +1,167 @@
+"""Native CPU kernels: building cpu_kernels.c on first use, loading it, and calling it on tensors.
+
+The C file is compiled once per source version with the system C compiler into Heron's cache
+directory (`HERON_CACHE_DIR`, else `$XDG_CACHE_HOME/heron` or `~/.cache/heron`), a second or two.
+Where it cannot run (not x86-64 with AVX2/FMA/F16C, no compiler, `HERON_CPU_KERNELS=0`) `available()`
+is False, and callers keep PyTorch's path: quantized weights are then dequantized at load time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch  # loaded first: the kernels' OpenMP runtime must be the one torch already runs on
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC"]
+_REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+
+# GGML type codes the kernels read (names as gguf-py's GGMLQuantizationType spells them).
+QTYPE_CODES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    if os.environ.get("HERON_CACHE_DIR"):
+        return Path(os.environ["HERON_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "heron"
+
+
+def _cpu_supported() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return _REQUIRED_CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    except OSError:
+        return False
+    return False
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    source = _SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes (test servers) never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    lib.heron_quant_linear.argtypes = [p, i64, p, i32, p, i64, i64, i64, i64]
+    lib.heron_quant_rows.argtypes = [p, i32, i64, p, i64, p]
+    lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32]
+    for fn in (lib.heron_quant_linear, lib.heron_quant_rows, lib.heron_paged_decode_attention):
+        fn.restype = ctypes.c_int
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, built on first call; None where it cannot run here (logged once)."""
+    global _lib, _tried
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("HERON_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
+            return None
+        if not _cpu_supported():
+            logger.info("CPU kernels off: this CPU lacks AVX2/FMA/F16C; using PyTorch's float32 path")
+            return None
+        try:
+            lib = ctypes.CDLL(str(_build()))
+        except (OSError, RuntimeError) as exc:
+            logger.warning("CPU kernels off (%s); using PyTorch's float32 path", exc)
+            return None
+        _declare(lib)
+        _lib = lib
+        return _lib
+
+
+def available() -> bool:
+    if _tried:  # the common case, on every layer of every step: no lock
+        return _lib is not None
+    return load() is not None
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:
+    """x [M, K] float32 (rows contiguous) @ W^T, W [out_features, K] as GGML blocks [N, row bytes]."""
+    lib = _lib
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m:
+        rc = lib.heron_quant_linear(_ptr(x), x.stride(0), _ptr(blocks), QTYPE_CODES[qtype], _ptr(y), out_features, m, out_features, k)
+        if rc != 0:
+            raise ValueError(f"heron_quant_linear cannot take {qtype} with K={k}")
+    return y
+
+
+def quant_rows(blocks: torch.Tensor, qtype: str, in_features: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of W [N, in_features] (GGML blocks), dequantized to float32 [len(rows), in_features]."""
+    rows = rows.to(torch.int64).contiguous()
+    out = torch.empty(rows.numel(), in_features, dtype=torch.float32)
+    rc = _lib.heron_quant_rows(_ptr(blocks), QTYPE_CODES[qtype], in_features, _ptr(rows), rows.numel(), _ptr(out))
+    if rc != 0:
+        raise ValueError(f"heron_quant_rows cannot take {qtype} with K={in_features}")
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]: each row attends to its seq_lens[b] cached positions slots[b, :len]."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    out = torch.empty(b, h, d, dtype=torch.float32)
+    rc = _lib.heron_paged_decode_attention(
+        _ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(slots), slots.shape[1], _ptr(seq_lens), _ptr(out),
+        b, h, hkv, d, scale,
+    )
+    if rc != 0:
+        raise ValueError(f"paged decode attention cannot take head_dim={d}, heads={h}/{hkv}")
+    return out

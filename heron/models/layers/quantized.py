@@ -1,0 +1,58 @@
+"""Weights kept in their GGUF block format, and the embedding that can read them.
+
+A `QuantizedTensor` is a 2-D weight as GGML blocks ([rows, bytes per row] of uint8) that the CPU
+kernels (heron.kernels) multiply by directly. The loader hands these to `load_weights` instead of
+dequantized float32 copies when the kernels can run here; layers that receive one (Linear,
+`Embedding`) keep the blocks and drop their float32 storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron import kernels
+
+
+@dataclass
+class QuantizedTensor:
+    qtype: str  # GGML type name: "Q4_0", "Q4_1" or "Q8_0"
+    blocks: torch.Tensor  # uint8 [rows, bytes per row]
+    shape: tuple[int, int]  # the float weight's [out, in]
+
+    def reshape_rows(self, *shape: int) -> torch.Tensor:
+        """The rows as a tensor whose first dims are `shape` (for row permutations like unpermute_qk)."""
+        return self.blocks.reshape(*shape, self.blocks.shape[-1])
+
+    def with_blocks(self, blocks: torch.Tensor) -> "QuantizedTensor":
+        return QuantizedTensor(self.qtype, blocks.reshape(self.blocks.shape).contiguous(), self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [out, in]: what the blocks hold (the kernels compute with exactly these values)."""
+        rows = torch.arange(self.shape[0])
+        return kernels.quant_rows(self.blocks, self.qtype, self.shape[1], rows)
+
+
+class Embedding(nn.Embedding):
+    """Token embedding that can keep its table as GGUF blocks; then `project` is the tied LM head."""
+
+    qtype: str | None = None
+    qweight: torch.Tensor | None = None
+
+    def load_quantized(self, tensor: QuantizedTensor) -> None:
+        if tuple(tensor.shape) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"embedding of shape {tensor.shape} does not fit {self}")
+        self.qtype, self.qweight = tensor.qtype, tensor.blocks
+        # The float table is no longer read: free it (the tied LM head reads the blocks too).
+        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.qweight is None:
+            return super().forward(ids)
+        return kernels.quant_rows(self.qweight, self.qtype, self.embedding_dim, ids.reshape(-1)).reshape(*ids.shape, -1)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] @ table^T from the blocks: the logits of a tied LM head, float32."""
+        return kernels.quant_linear(hidden.float(), self.qweight, self.qtype, self.num_embeddings)

@@ -1,0 +1,140 @@
+"""Heron's CPU kernels against references: GGUF-block linear layers against float64 products of
+gguf-py's dequantized weights, and paged decode attention against PyTorch's SDPA over gathered K/V.
+Also: a row's result does not depend on the batch around it (the engine's batched = alone promise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from heron import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need x86-64 with AVX2/FMA/F16C and a C compiler")
+
+QTYPES = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def make_blocks(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random [n, k] weights quantized by gguf-py: (blocks uint8 [n, row bytes], dequantized float32 [n, k])."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    w[0, :32] = 0.0  # an all-zero block (scale 0)
+    blocks = quantize(w, GGMLQuantizationType[qtype])
+    return torch.from_numpy(blocks.copy()), torch.from_numpy(dequantize(blocks, GGMLQuantizationType[qtype]).copy())
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_rows_dequantize_exactly_as_gguf_py(qtype):
+    blocks, reference = make_blocks(qtype, 37, 96)
+    rows = torch.tensor([0, 36, 5, 5, 17])
+    got = kernels.quant_rows(blocks, qtype, 96, rows)
+    assert torch.equal(got, reference[rows])
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [
+        (1, 64, 32),  # one block per row
+        (2, 10, 64),  # N not a multiple of the 4-row group
+        (5, 12, 2080),  # K longer than the 1024-wide scratch, with a ragged last chunk
+        (200, 8, 64),  # more tokens than one 96-token block
+        (7, 33, 160),
+    ],
+)
+def test_quant_linear_matches_float64_product(qtype, m, n, k):
+    blocks, w = make_blocks(qtype, n, k, seed=m + n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    got = kernels.quant_linear(x, blocks, qtype, n)
+    expected = (x.double() @ w.double().t()).float()
+    assert got.shape == (m, n)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+def test_quant_linear_reads_strided_rows():
+    blocks, w = make_blocks("Q4_1", 16, 64)
+    wide = torch.randn(6, 100)
+    x = wide[:, 10:74]  # rows 100 floats apart
+    torch.testing.assert_close(kernels.quant_linear(x, blocks, "Q4_1", 16), kernels.quant_linear(x.contiguous(), blocks, "Q4_1", 16), rtol=0, atol=0)
+    torch.testing.assert_close(kernels.quant_linear(x, blocks, "Q4_1", 16), x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_a_row_gives_the_same_bits_in_any_batch(qtype):
+    blocks, _ = make_blocks(qtype, 22, 1056)
+    x = torch.randn(131, 1056, generator=torch.Generator().manual_seed(1))
+    together = kernels.quant_linear(x, blocks, qtype, 22)
+    for row in (0, 1, 2, 3, 95, 96, 97, 130):
+        alone = kernels.quant_linear(x[row : row + 1], blocks, qtype, 22)
+        assert torch.equal(alone[0], together[row]), row
+    pair = kernels.quant_linear(x[95:97], blocks, qtype, 22)
+    assert torch.equal(pair, together[95:97])
+
+
+def test_quant_linear_rejects_k_not_a_multiple_of_32():
+    blocks, _ = make_blocks("Q8_0", 4, 64)
+    with pytest.raises(ValueError, match="K=48"):
+        kernels.quant_linear(torch.randn(2, 48), blocks, "Q8_0", 4)
+
+
+def test_quant_linear_with_no_rows():
+    blocks, _ = make_blocks("Q8_0", 4, 64)
+    assert kernels.quant_linear(torch.randn(0, 64), blocks, "Q8_0", 4).shape == (0, 4)
+
+
+def sdpa_reference(q, k_cache, v_cache, slots, lens, scale):
+    out = []
+    for b in range(q.shape[0]):
+        s = slots[b, : lens[b]]
+        k = k_cache[s].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D]
+        v = v_cache[s].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(q[b][None, :, None, :], k, v, scale=scale, enable_gqa=True)
+        out.append(o[0, :, 0, :])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 32), (8, 2, 128), (2, 1, 80)],
+)
+def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * head_dim)
+    num_slots = 400
+    k_cache = torch.randn(num_slots, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_slots, kv_heads, head_dim, generator=gen)
+    lens = torch.tensor([1, 17, 150, 33, 64])
+    max_len = int(lens.max())
+    # Each sequence's positions live in scattered slots, as blocks of a paged cache do.
+    perm = torch.randperm(num_slots, generator=gen)
+    slots = torch.zeros(len(lens), max_len, dtype=torch.int64)
+    for b, length in enumerate(lens.tolist()):
+        slots[b, :length] = perm[b * 70 : b * 70 + length] if length <= 70 else perm[:length]
+    q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3
+    scale = head_dim**-0.5
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, slots, lens, scale)
+    torch.testing.assert_close(got, sdpa_reference(q, k_cache, v_cache, slots, lens, scale), rtol=1e-5, atol=1e-5)
+    # Alone or with the others: the same bits.
+    alone = kernels.paged_decode_attention(q[2:3], k_cache, v_cache, slots[2:3], lens[2:3], scale)
+    assert torch.equal(alone[0], got[2])
+
+
+def test_paged_decode_attention_takes_a_strided_query():
+    gen = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(50, 2, 16, generator=gen)
+    v_cache = torch.randn(50, 2, 16, generator=gen)
+    qkv = torch.randn(3, 4 * 16 + 2 * 2 * 16, generator=gen)
+    q = qkv[:, : 4 * 16].view(3, 4, 16)
+    slots = torch.arange(30).view(3, 10)
+    lens = torch.tensor([10, 4, 7])
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, slots, lens, 0.25)
+    torch.testing.assert_close(got, sdpa_reference(q, k_cache, v_cache, slots, lens, 0.25), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_rejects_head_dim_not_a_multiple_of_8():
+    with pytest.raises(ValueError, match="head_dim=12"):
+        kernels.paged_decode_attention(torch.randn(1, 2, 12), torch.randn(4, 2, 12), torch.randn(4, 2, 12), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([2]), 1.0)
