@@ -84,7 +84,17 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.heron_quant_linear.argtypes = [p, i64, p, i32, p, i64, i64, i64, i64]
     lib.heron_quant_rows.argtypes = [p, i32, i64, p, i64, p]
     lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32]
-    for fn in (lib.heron_quant_linear, lib.heron_quant_rows, lib.heron_paged_decode_attention):
+    lib.heron_add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, f32]
+    lib.heron_silu_mul.argtypes = [p, p, i64, i64]
+    lib.heron_rotary.argtypes = [p, i64, i64, i64, i64, p, p, p]
+    for fn in (
+        lib.heron_quant_linear,
+        lib.heron_quant_rows,
+        lib.heron_paged_decode_attention,
+        lib.heron_add_rms_norm,
+        lib.heron_silu_mul,
+        lib.heron_rotary,
+    ):
         fn.restype = ctypes.c_int
 
 
@@ -165,3 +175,35 @@ def paged_decode_attention(
     if rc != 0:
         raise ValueError(f"paged decode attention cannot take head_dim={d}, heads={h}/{hkv}")
     return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [M, N] float32 (modified in place: x += delta when given) -> RMSNorm(x) * weight, [M, N]."""
+    m, n = x.shape
+    out = torch.empty(m, n, dtype=torch.float32)
+    if delta is not None and delta.stride(-1) != 1:
+        delta = delta.contiguous()
+    rc = _lib.heron_add_rms_norm(
+        _ptr(x), x.stride(0), None if delta is None else _ptr(delta), 0 if delta is None else delta.stride(0),
+        _ptr(weight), _ptr(out), m, n, eps,
+    )
+    if rc != 0:
+        raise ValueError(f"heron_add_rms_norm cannot take a hidden size of {n}")
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [M, 2I] float32 (contiguous) -> silu(gate) * up, [M, I]."""
+    m, two_i = gate_up.shape
+    out = torch.empty(m, two_i // 2, dtype=torch.float32)
+    if _lib.heron_silu_mul(_ptr(gate_up.contiguous()), _ptr(out), m, two_i // 2) != 0:
+        raise ValueError(f"heron_silu_mul cannot take an intermediate size of {two_i // 2}")
+    return out
+
+
+def rotary_(x: torch.Tensor, num_heads: int, head_dim: int, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate-half RoPE in place on heads 0 .. num_heads - 1 of each row of x [T, >= num_heads * head_dim]
+    (rows may be strided, heads contiguous); cos/sin tables [max_position, head_dim // 2] float32."""
+    rc = _lib.heron_rotary(_ptr(x), x.stride(0), x.shape[0], num_heads, head_dim, _ptr(positions), _ptr(cos), _ptr(sin))
+    if rc != 0:
+        raise ValueError(f"heron_rotary cannot take head_dim={head_dim}")

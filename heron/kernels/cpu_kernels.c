@@ -305,3 +305,73 @@ int heron_paged_decode_attention(const float *q, int64_t ldq, const float *k_cac
     }
     return 0;
 }
+
+/* Residual add and RMSNorm in one pass over x [M, N] (row stride ldx):
+ *   x += delta (skipped when delta is NULL); out = x / sqrt(mean(x^2) + eps) * w. */
+int heron_add_rms_norm(float *x, int64_t ldx, const float *delta, int64_t ldd, const float *w, float *out,
+                       int64_t M, int64_t N, float eps) {
+    if (N % 8 != 0)
+        return -1;
+#pragma omp parallel for schedule(static) if (M * N > 32768)
+    for (int64_t t = 0; t < M; t++) {
+        float *xt = x + t * ldx;
+        __m256 ss = _mm256_setzero_ps();
+        for (int64_t i = 0; i < N; i += 8) {
+            __m256 v = _mm256_loadu_ps(xt + i);
+            if (delta != NULL) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(delta + t * ldd + i));
+                _mm256_storeu_ps(xt + i, v);
+            }
+            ss = _mm256_fmadd_ps(v, v, ss);
+        }
+        const __m256 r = _mm256_set1_ps(1.0f / sqrtf(hsum(ss) / (float)N + eps));
+        for (int64_t i = 0; i < N; i += 8)
+            _mm256_storeu_ps(out + t * N + i,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xt + i), r), _mm256_loadu_ps(w + i)));
+    }
+    return 0;
+}
+
+/* out [M, I] = silu(gate) * up, from gate_up [M, 2I] holding gate then up. */
+int heron_silu_mul(const float *gate_up, float *out, int64_t M, int64_t I) {
+    if (I % 8 != 0)
+        return -1;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+#pragma omp parallel for schedule(static) if (M * I > 32768)
+    for (int64_t t = 0; t < M; t++) {
+        const float *g = gate_up + t * 2 * I, *u = g + I;
+        for (int64_t i = 0; i < I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            /* exp256 clamps below -87.3, so a large positive gate gives g / (1 + ~0) = g. */
+            const __m256 e = exp256(_mm256_min_ps(_mm256_xor_ps(gv, sign), _mm256_set1_ps(88.0f)));
+            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(out + t * I + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
+        }
+    }
+    return 0;
+}
+
+/* Rotate-half RoPE in place on the first num_heads heads of each row of x [T, ...] (row stride ldx,
+ * heads of D contiguous): for i < D/2, (a, b) = (x[i], x[i + D/2]) becomes
+ * (a cos - b sin, b cos + a sin), with cos/sin rows [max_pos, D/2] picked by positions[t]. */
+int heron_rotary(float *x, int64_t ldx, int64_t T, int64_t num_heads, int64_t D, const int64_t *positions,
+                 const float *cos_table, const float *sin_table) {
+    const int64_t half = D / 2;
+    if (half % 8 != 0)
+        return -1;
+#pragma omp parallel for schedule(static) if (T * num_heads * D > 32768)
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_table + positions[t] * half, *s = sin_table + positions[t] * half;
+        for (int64_t h = 0; h < num_heads; h++) {
+            float *a = x + t * ldx + h * D, *b = a + half;
+            for (int64_t i = 0; i < half; i += 8) {
+                const __m256 av = _mm256_loadu_ps(a + i), bv = _mm256_loadu_ps(b + i);
+                const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(s + i);
+                _mm256_storeu_ps(a + i, _mm256_sub_ps(_mm256_mul_ps(av, cv), _mm256_mul_ps(bv, sv)));
+                _mm256_storeu_ps(b + i, _mm256_add_ps(_mm256_mul_ps(bv, cv), _mm256_mul_ps(av, sv)));
+            }
+        }
+    }
+    return 0;
+}

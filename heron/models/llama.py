@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from heron import kernels
 from heron.models.arch_config import ArchConfig
 from heron.models.layers.activation import gated_activation
 from heron.models.layers.attention import Attention
@@ -39,9 +40,20 @@ class LlamaAttention(nn.Module):
         """Hook for per-head transforms before RoPE (Qwen3's Q/K norm); identity here."""
         return q, k
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, rope: tuple | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if rope is not None and type(self).project_qk is LlamaAttention.project_qk:
+            # CPU kernels: rotate Q and K in place in the projection's output, then view the heads.
+            kernels.rotary_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, *rope)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(num_tokens, self.num_heads, self.head_dim)
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            return self.o_proj(self.attn(q, k, v, batch))
+        if rope is not None:
+            cos, sin = self._tables(rope)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -50,6 +62,11 @@ class LlamaAttention(nn.Module):
         k = apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, batch))
 
+    @staticmethod
+    def _tables(rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        positions, cos_table, sin_table = rope
+        return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ArchConfig):
@@ -57,8 +74,11 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = gated_activation(config.hidden_act)
+        self.silu = config.hidden_act == "silu" and config.intermediate_size % 8 == 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused and self.silu:
+            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
@@ -72,9 +92,14 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, rope: tuple | None = None) -> torch.Tensor:
+        if rope is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        # CPU kernels: each residual add is fused into the norm that follows it (x is updated in place).
+        h = kernels.add_rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)
+        h = kernels.add_rms_norm(x, self.self_attn(h, cos, sin, batch, rope), self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return x.add_(self.mlp(h, fused=True))
 
 
 class LlamaModel(nn.Module):
@@ -115,10 +140,27 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         x = self.model.embed_tokens(batch.input_ids)
+        if self._use_cpu_kernels(x):
+            rope = (batch.positions, self.rotary.cos_cache, self.rotary.sin_cache)
+            for layer in self.model.layers:
+                x = layer(x, None, None, batch, rope)
+            return kernels.add_rms_norm(x, None, self.model.norm.weight, self.model.norm.eps)
         cos, sin = self.rotary.lookup(batch.positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, batch)
         return self.model.norm(x)
+
+    def _use_cpu_kernels(self, x: torch.Tensor) -> bool:
+        """Fused norm / RoPE / SiLU kernels: float32 on a CPU that runs Heron's kernels."""
+        c = self.config
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and c.hidden_size % 8 == 0
+            and c.head_dim % 16 == 0
+            and self.rotary.cos_cache.dtype == torch.float32
+            and kernels.available()
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the sampler's precision) for the given hidden rows."""

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 
-def heron(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def heron(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "heron.cli", *args], capture_output=True, text=True, input=stdin, timeout=300
+        [sys.executable, "-m", "heron.cli", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -53,3 +59,16 @@ def test_generate_answers_the_capital_of_france_with_progress():
     # Loading shows a progress bar on stderr.
     assert "Loading SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr
     assert "272/272" in result.stderr
+
+
+def test_generate_without_the_cpu_kernels_gives_the_same_answer():
+    # HERON_CPU_KERNELS=0: the PyTorch float32 path (weights dequantized at load), as on a CPU
+    # without AVX2 or a machine without a C compiler.
+    args = ("generate", "-p", "What is the capital of France?", "--max-tokens", "32", "--json")
+    plain = heron(*args, env={"HERON_CPU_KERNELS": "0"})
+    assert plain.returncode == 0, plain.stderr
+    fast = heron(*args)
+    assert fast.returncode == 0, fast.stderr
+    plain_text = json.loads(plain.stdout.strip().splitlines()[-1])["text"]
+    assert "Paris" in plain_text
+    assert plain_text == json.loads(fast.stdout.strip().splitlines()[-1])["text"]

@@ -138,3 +138,45 @@ def test_paged_decode_attention_takes_a_strided_query():
 def test_paged_decode_attention_rejects_head_dim_not_a_multiple_of_8():
     with pytest.raises(ValueError, match="head_dim=12"):
         kernels.paged_decode_attention(torch.randn(1, 2, 12), torch.randn(4, 2, 12), torch.randn(4, 2, 12), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([2]), 1.0)
+
+
+def test_add_rms_norm_adds_in_place_and_normalises():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 64, generator=gen) * 4
+    delta = torch.randn(5, 64, generator=gen)
+    weight = torch.rand(64, generator=gen) + 0.5
+    expected_x = x + delta
+    expected = F.rms_norm(expected_x, (64,), weight, 1e-5)
+    got = kernels.add_rms_norm(x, delta, weight, 1e-5)
+    torch.testing.assert_close(x, expected_x, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Without a delta x is left alone.
+    before = x.clone()
+    torch.testing.assert_close(kernels.add_rms_norm(x, None, weight, 1e-5), F.rms_norm(x, (64,), weight, 1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, before)
+
+
+def test_silu_mul_matches_torch_across_the_range():
+    gate = torch.cat([torch.linspace(-120, 120, 241), torch.randn(15)])  # 256 values, saturating ends included
+    up = torch.randn(256, generator=torch.Generator().manual_seed(4))
+    gate_up = torch.cat([gate, up]).view(1, 512).repeat(3, 1)
+    got = kernels.silu_mul(gate_up)
+    torch.testing.assert_close(got, (F.silu(gate) * up).expand(3, -1), rtol=2e-6, atol=1e-6)
+
+
+def test_rotary_rotates_q_and_k_heads_in_place_and_leaves_v():
+    from heron.models.layers.rotary import RotaryEmbedding, apply_rotary
+
+    rope = RotaryEmbedding(32, 64, 10000.0)
+    heads, kv_heads, d = 4, 2, 32
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * d, generator=torch.Generator().manual_seed(5))
+    positions = torch.tensor([0, 1, 7, 63, 2, 2])
+    cos, sin = rope.lookup(positions, torch.float32)
+    q = qkv[:, : heads * d].view(6, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(6, kv_heads, d)
+    expected_q, expected_k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    v_before = qkv[:, (heads + kv_heads) * d :].clone()
+    kernels.rotary_(qkv, heads + kv_heads, d, positions, rope.cos_cache, rope.sin_cache)
+    torch.testing.assert_close(qkv[:, : heads * d].view(6, heads, d), expected_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(qkv[:, heads * d : (heads + kv_heads) * d].view(6, kv_heads, d), expected_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
