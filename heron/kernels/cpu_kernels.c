@@ -161,7 +161,7 @@ int heron_quant_linear(const float *x, int64_t ldx, const uint8_t *w, int qtype,
         for (int64_t t0 = 0; t0 < M; t0 += TB) {
             const int64_t tb = M - t0 < TB ? M - t0 : TB;
             const float *xb = x + t0 * ldx;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4)
             for (int64_t g = 0; g < groups; g++) {
                 const int64_t n0 = g * ROWS;
                 const int nr = (int)(N - n0 < ROWS ? N - n0 : ROWS);

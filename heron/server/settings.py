@@ -61,7 +61,7 @@ class ServerSettings:
     served_model_name: list[str] = field(default_factory=list)
     max_model_len: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None  # None: 256 on CPU, 2048 on CUDA (see registry)
     enable_prefix_caching: bool = True
     dtype: str = "auto"
     device: str = "auto"
@@ -114,7 +114,7 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         ("--max-num-batched-tokens",),
         "HERON_MAX_NUM_BATCHED_TOKENS",
         int,
-        "token budget of one engine step (prefill chunks + decodes, default 512)",
+        "token budget of one engine step (prefill chunks + decodes; default 256 on CPU, 2048 on CUDA)",
     ),
     ("dtype", ("--dtype",), "HERON_DTYPE", str, "auto | float32 | bfloat16 | float16"),
     ("device", ("--device",), "HERON_DEVICE", str, "auto | cpu | cuda | cuda:N"),
