@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch  # loaded first: the kernels' OpenMP runtime must be the one torch already runs on
@@ -81,15 +82,15 @@ def _build() -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.heron_quant_linear.argtypes = [p, i64, p, i32, p, i64, i64, i64, i64]
     lib.heron_quant_rows.argtypes = [p, i32, i64, p, i64, p]
     lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32]
+    lib.heron_packed_linear.argtypes = [p, i64, p, p, p, i32, p, i64, i64, i64, i64]
     lib.heron_add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, f32]
     lib.heron_silu_mul.argtypes = [p, p, i64, i64]
     lib.heron_rotary.argtypes = [p, i64, i64, i64, i64, p, p, p]
     for fn in (
-        lib.heron_quant_linear,
         lib.heron_quant_rows,
+        lib.heron_packed_linear,
         lib.heron_paged_decode_attention,
         lib.heron_add_rms_norm,
         lib.heron_silu_mul,
@@ -130,17 +131,65 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
-def quant_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: str, out_features: int) -> torch.Tensor:
-    """x [M, K] float32 (rows contiguous) @ W^T, W [out_features, K] as GGML blocks [N, row bytes]."""
-    lib = _lib
+@dataclass(frozen=True)
+class PackedWeight:
+    """A GGML-quantized weight [out_features, in_features] repacked into 8-row panels (pack_blocks)."""
+
+    qtype: str
+    q: torch.Tensor  # uint8 [panels, blocks, 128] (4-bit) or int8 [panels, blocks, 256] (Q8_0)
+    d: torch.Tensor  # float32 [panels, blocks, 8]
+    m: torch.Tensor | None  # float32 [panels, blocks, 8], Q4_1's mins
+    out_features: int
+    in_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.m) if t is not None)
+
+
+def pack_blocks(blocks: torch.Tensor, qtype: str, out_features: int, in_features: int) -> PackedWeight:
+    """GGML blocks [N, bytes per row] -> the panel layout heron_packed_linear reads (see cpu_kernels.c)."""
+    n, nb = out_features, in_features // 32
+    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+    blk = blocks.reshape(n, nb, block_bytes)
+    panels = -(-n // 8)
+    pad = panels * 8 - n
+
+    def halves(offset: int) -> torch.Tensor:  # a float16 field of every block, as float32 [N, nb]
+        return blk[..., offset : offset + 2].contiguous().view(torch.float16).reshape(n, nb).float()
+
+    def to_panels(t: torch.Tensor) -> torch.Tensor:  # [N, nb, ...] -> [panels, nb, ..., 8]
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) if pad else t
+        t = t.reshape(panels, 8, *t.shape[1:])
+        return t.permute(0, *range(2, t.dim()), 1).contiguous()
+
+    d = to_panels(halves(0).unsqueeze(-1)).reshape(panels, nb, 8)
+    m = None
+    if qtype == "Q8_0":
+        q = to_panels(blk[..., 2:34].contiguous().view(torch.int8)).reshape(panels, nb, 256)
+    else:
+        qs = blk[..., 4:20] if qtype == "Q4_1" else blk[..., 2:18]
+        values = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # [N, nb, 32], k order
+        values = to_panels(values).reshape(panels, nb, 16, 2, 8)
+        q = (values[:, :, :, 0, :] | (values[:, :, :, 1, :] << 4)).reshape(panels, nb, 128).contiguous()
+        if qtype == "Q4_1":
+            m = to_panels(halves(2).unsqueeze(-1)).reshape(panels, nb, 8)
+    return PackedWeight(qtype, q, d.contiguous(), None if m is None else m.contiguous(), out_features, in_features)
+
+
+def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """x [M, in_features] float32 (rows contiguous) @ W^T -> [M, out_features]."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    m, k = x.shape
-    y = torch.empty(m, out_features, dtype=torch.float32)
+    m = x.shape[0]
+    y = torch.empty(m, w.out_features, dtype=torch.float32)
     if m:
-        rc = lib.heron_quant_linear(_ptr(x), x.stride(0), _ptr(blocks), QTYPE_CODES[qtype], _ptr(y), out_features, m, out_features, k)
+        rc = _lib.heron_packed_linear(
+            _ptr(x), x.stride(0), _ptr(w.q), _ptr(w.d), 0 if w.m is None else _ptr(w.m), QTYPE_CODES[w.qtype],
+            _ptr(y), w.out_features, m, w.out_features, w.in_features,
+        )
         if rc != 0:
-            raise ValueError(f"heron_quant_linear cannot take {qtype} with K={k}")
+            raise ValueError(f"heron_packed_linear cannot take {w.qtype} with K={w.in_features}")
     return y
 
 

@@ -164,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the sampler's precision) for the given hidden rows."""
-        if self.config.tie_word_embeddings and self.model.embed_tokens.qweight is not None:
+        if self.config.tie_word_embeddings and self.model.embed_tokens.packed is not None:
             return self.model.embed_tokens.project(hidden)
         return self.lm_head(hidden).float()
 
@@ -238,6 +238,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             # A table kept as blocks replaced the float parameter: tie again so the old one is freed.
             self.lm_head.weight = self.model.embed_tokens.weight
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     def _checkpoint_name(self, key: str) -> str:
         """'...qkv_proj.weight#1' -> '...k_proj.weight': name a missing shard as the checkpoint does."""

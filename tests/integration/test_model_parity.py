@@ -145,7 +145,7 @@ def test_smollm2_runs_from_its_gguf_blocks_as_the_dequantized_model_does(smollm2
     assert model.lm_head.weight.numel() == 0  # tied: the float table is gone for the head too
     assert "run from their Q4_1/Q8_0 blocks" in smollm2.quantization
     dense = load_model(smollm2_gguf_path, dtype="float32", device="cpu", progress=False, keep_quantized=False)
-    assert all(m.qweight is None for m in dense.model.modules() if isinstance(m, Linear))
+    assert all(m.packed is None for m in dense.model.modules() if isinstance(m, Linear))
     [ours] = heron_logits(smollm2, [smollm2_text_ids])
     [reference] = heron_logits(dense, [smollm2_text_ids])
     max_diff, agreement = compare(ours, reference)

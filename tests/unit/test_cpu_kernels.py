@@ -1,6 +1,7 @@
-"""Heron's CPU kernels against references: GGUF-block linear layers against float64 products of
-gguf-py's dequantized weights, and paged decode attention against PyTorch's SDPA over gathered K/V.
-Also: a row's result does not depend on the batch around it (the engine's batched = alone promise).
+"""Heron's CPU kernels against references: quantized linear layers against float64 products of
+gguf-py's dequantized weights, paged decode attention against PyTorch's SDPA over gathered K/V, and
+the fused norm / activation / RoPE steps against PyTorch's. Also: a row's result does not depend on
+the batch around it (the engine's batched = alone promise).
 """
 
 from __future__ import annotations
@@ -36,55 +37,67 @@ def test_rows_dequantize_exactly_as_gguf_py(qtype):
     assert torch.equal(got, reference[rows])
 
 
+def packed(qtype: str, n: int, k: int, seed: int = 0) -> tuple[kernels.PackedWeight, torch.Tensor]:
+    blocks, w = make_blocks(qtype, n, k, seed)
+    return kernels.pack_blocks(blocks, qtype, n, k), w
+
+
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize(
     ("m", "n", "k"),
     [
-        (1, 64, 32),  # one block per row
-        (2, 10, 64),  # N not a multiple of the 4-row group
-        (5, 12, 2080),  # K longer than the 1024-wide scratch, with a ragged last chunk
+        (1, 64, 32),  # one block per row; the single-token path
+        (1, 44, 96),  # single token, N not a multiple of the 8-row panel nor of 4 panels
+        (2, 10, 64),  # N not a multiple of 8: a zero-padded panel
+        (5, 24, 544),  # an odd number of panels; K past the 256-wide scratch, ragged last chunk
         (200, 8, 64),  # more tokens than one 96-token block
-        (7, 33, 160),
+        (13, 33, 160),  # tiles of 6 tokens and a remainder
     ],
 )
-def test_quant_linear_matches_float64_product(qtype, m, n, k):
-    blocks, w = make_blocks(qtype, n, k, seed=m + n + k)
+def test_packed_linear_matches_float64_product(qtype, m, n, k):
+    w_packed, w = packed(qtype, n, k, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
-    got = kernels.quant_linear(x, blocks, qtype, n)
+    got = kernels.packed_linear(x, w_packed)
     expected = (x.double() @ w.double().t()).float()
     assert got.shape == (m, n)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * k**0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5 * k**0.5)
 
 
-def test_quant_linear_reads_strided_rows():
-    blocks, w = make_blocks("Q4_1", 16, 64)
+def test_packed_linear_reads_strided_rows():
+    w_packed, w = packed("Q4_1", 16, 64)
     wide = torch.randn(6, 100)
     x = wide[:, 10:74]  # rows 100 floats apart
-    torch.testing.assert_close(kernels.quant_linear(x, blocks, "Q4_1", 16), kernels.quant_linear(x.contiguous(), blocks, "Q4_1", 16), rtol=0, atol=0)
-    torch.testing.assert_close(kernels.quant_linear(x, blocks, "Q4_1", 16), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(kernels.packed_linear(x, w_packed), kernels.packed_linear(x.contiguous(), w_packed))
+    torch.testing.assert_close(kernels.packed_linear(x, w_packed), x @ w.t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_a_row_gives_the_same_bits_in_any_batch(qtype):
-    blocks, _ = make_blocks(qtype, 22, 1056)
+    w_packed, _ = packed(qtype, 40, 1056)
     x = torch.randn(131, 1056, generator=torch.Generator().manual_seed(1))
-    together = kernels.quant_linear(x, blocks, qtype, 22)
-    for row in (0, 1, 2, 3, 95, 96, 97, 130):
-        alone = kernels.quant_linear(x[row : row + 1], blocks, qtype, 22)
+    together = kernels.packed_linear(x, w_packed)
+    for row in (0, 1, 2, 5, 6, 95, 96, 97, 130):
+        alone = kernels.packed_linear(x[row : row + 1], w_packed)
         assert torch.equal(alone[0], together[row]), row
-    pair = kernels.quant_linear(x[95:97], blocks, qtype, 22)
-    assert torch.equal(pair, together[95:97])
+    for start, stop in ((95, 97), (3, 10), (90, 131)):
+        assert torch.equal(kernels.packed_linear(x[start:stop], w_packed), together[start:stop])
 
 
-def test_quant_linear_rejects_k_not_a_multiple_of_32():
-    blocks, _ = make_blocks("Q8_0", 4, 64)
+def test_packed_linear_rejects_k_not_a_multiple_of_32():
+    w_packed, _ = packed("Q8_0", 4, 64)
+    bad = kernels.PackedWeight("Q8_0", w_packed.q, w_packed.d, None, 4, 48)
     with pytest.raises(ValueError, match="K=48"):
-        kernels.quant_linear(torch.randn(2, 48), blocks, "Q8_0", 4)
+        kernels.packed_linear(torch.randn(2, 48), bad)
 
 
-def test_quant_linear_with_no_rows():
-    blocks, _ = make_blocks("Q8_0", 4, 64)
-    assert kernels.quant_linear(torch.randn(0, 64), blocks, "Q8_0", 4).shape == (0, 4)
+def test_packed_linear_with_no_rows():
+    w_packed, _ = packed("Q8_0", 4, 64)
+    assert kernels.packed_linear(torch.randn(0, 64), w_packed).shape == (0, 4)
+
+
+def test_packing_keeps_the_weights_smaller_than_float32():
+    w_packed, _ = packed("Q4_1", 64, 256)
+    assert w_packed.nbytes * 5 < 64 * 256 * 4  # 6 bits a weight (4-bit values, float32 scale and min)
 
 
 def sdpa_reference(q, k_cache, v_cache, slots, lens, scale):

@@ -24,12 +24,13 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.qtype: str | None = None
-        self.qweight: torch.Tensor | None = None
+        self.qweight: torch.Tensor | None = None  # GGML blocks while shards load
+        self.packed: kernels.PackedWeight | None = None  # what forward reads, made by pack()
         self._float_shards = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            y = kernels.quant_linear(x, self.qweight, self.qtype, self.out_features)
+        if self.packed is not None:
+            y = kernels.packed_linear(x, self.packed)
             return y if self.bias is None else y.add_(self.bias)
         if self.bias is not None:
             return torch.addmm(self.bias, x, self.weight)
@@ -66,6 +67,12 @@ class Linear(nn.Module):
         elif tensor.qtype != self.qtype:
             raise ValueError(f"{tensor.qtype} weight shard for {self}, whose other shards are {self.qtype}")
         self.qweight[offset : offset + rows].copy_(tensor.blocks)
+
+    def pack(self) -> None:
+        """Once every shard is in: repack the blocks into the kernels' panel layout (and drop them)."""
+        if self.qweight is not None:
+            self.packed = kernels.pack_blocks(self.qweight, self.qtype, self.out_features, self.in_features)
+            self.qweight = None
 
     def extra_repr(self) -> str:
         quant = f", weight={self.qtype} blocks" if self.qtype else ""

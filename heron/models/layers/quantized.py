@@ -39,12 +39,14 @@ class Embedding(nn.Embedding):
     """Token embedding that can keep its table as GGUF blocks; then `project` is the tied LM head."""
 
     qtype: str | None = None
-    qweight: torch.Tensor | None = None
+    qweight: torch.Tensor | None = None  # the blocks, for lookups
+    packed: kernels.PackedWeight | None = None  # the same table in panels, for the tied LM head
 
     def load_quantized(self, tensor: QuantizedTensor) -> None:
         if tuple(tensor.shape) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(f"embedding of shape {tensor.shape} does not fit {self}")
         self.qtype, self.qweight = tensor.qtype, tensor.blocks
+        self.packed = kernels.pack_blocks(tensor.blocks, tensor.qtype, self.num_embeddings, self.embedding_dim)
         # The float table is no longer read: free it (the tied LM head reads the blocks too).
         self.weight = nn.Parameter(torch.empty(0, self.embedding_dim), requires_grad=False)
 
@@ -55,4 +57,4 @@ class Embedding(nn.Embedding):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] @ table^T from the blocks: the logits of a tied LM head, float32."""
-        return kernels.quant_linear(hidden.float(), self.qweight, self.qtype, self.num_embeddings)
+        return kernels.packed_linear(hidden.float(), self.packed)
