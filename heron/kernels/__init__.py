@@ -210,13 +210,18 @@ def paged_decode_attention(
     slots: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D]: each row attends to its seq_lens[b] cached positions slots[b, :len]."""
+    """q [B, H, D] -> [B, H, D]: each row attends to its seq_lens[b] cached positions slots[b, :len].
+    `out`, when given, is a contiguous [B, H, D] float32 tensor to write into."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
-    out = torch.empty(b, h, d, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(b, h, d, dtype=torch.float32)
+    elif not out.is_contiguous() or out.shape != (b, h, d):
+        raise ValueError("paged_decode_attention: out must be a contiguous [B, H, D] tensor")
     rc = _lib.heron_paged_decode_attention(
         _ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(slots), slots.shape[1], _ptr(seq_lens), _ptr(out),
         b, h, hkv, d, scale,

@@ -187,7 +187,9 @@ class ModelRunner:
         # Masks are computed on another thread while the model runs.
         constrained, pending_masks = self._start_grammar_masks(out)
         hidden = self.model(batch)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        if len(logits_rows) != hidden.shape[0]:  # a pure decode step needs every row: no copy
+            hidden = hidden[batch.logits_indices]
+        logits = self.model.compute_logits(hidden)
         row_of = {r: i for i, r in enumerate(logits_rows)}
 
         sample_rows: list[int] = []
@@ -222,7 +224,9 @@ class ModelRunner:
                 )
                 for req in sample_reqs
             ]
-            sampled = self.sampler(logits[torch.tensor(sample_rows, device=logits.device)], rows)
+            if sample_rows != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(sample_rows, device=logits.device)]
+            sampled = self.sampler(logits, rows)
             for req, token_id, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):
                 result.sampled_token_ids[req.request_id] = token_id
                 if lp is not None:

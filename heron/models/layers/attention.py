@@ -39,7 +39,7 @@ class Attention(torch.nn.Module):
 
         n = batch.num_decodes
         if n and self._paged_kernel(k_cache, batch):
-            out[:n] = kernels.paged_decode_attention(q[:n], k_cache, v_cache, batch.decode_slots, batch.decode_lens, self.scale)
+            kernels.paged_decode_attention(q[:n], k_cache, v_cache, batch.decode_slots, batch.decode_lens, self.scale, out=out[:n])
         elif n:
             qd = q[:n].unsqueeze(2)  # [B, H, 1, D]
             kd = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
