@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -164,6 +165,9 @@ class AsyncEngine:
                 raise EngineDeadError("the engine has been shut down")
             if self._thread is not None:
                 return
+            # The engine thread gives the GIL up around every kernel and tensor op, and must get it
+            # back fast; Python's default 5 ms switch interval let the event loop hold it that long.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
             self._thread = threading.Thread(target=self._run, name="heron-engine", daemon=True)
             self._thread.start()
 
