@@ -150,8 +150,7 @@ class PackedWeight:
 def pack_blocks(blocks: torch.Tensor, qtype: str, out_features: int, in_features: int) -> PackedWeight:
     """GGML blocks [N, bytes per row] -> the panel layout heron_packed_linear reads (see cpu_kernels.c)."""
     n, nb = out_features, in_features // 32
-    block_bytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
-    blk = blocks.reshape(n, nb, block_bytes)
+    blk = blocks.reshape(n, nb, blocks.shape[-1] // nb)  # [N, blocks, bytes per block]
     panels = -(-n // 8)
     pad = panels * 8 - n
 
@@ -249,8 +248,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [M, 2I] float32 (contiguous) -> silu(gate) * up, [M, I]."""
     m, two_i = gate_up.shape
+    gate_up = gate_up.contiguous()  # held by a name: the pointer must outlive the call
     out = torch.empty(m, two_i // 2, dtype=torch.float32)
-    if _lib.heron_silu_mul(_ptr(gate_up.contiguous()), _ptr(out), m, two_i // 2) != 0:
+    if _lib.heron_silu_mul(_ptr(gate_up), _ptr(out), m, two_i // 2) != 0:
         raise ValueError(f"heron_silu_mul cannot take an intermediate size of {two_i // 2}")
     return out
 

@@ -183,9 +183,8 @@ class GGUFFile:
     def num_parameters(self) -> int:
         return sum(int(np.prod(t.shape)) for t in self.tensors)
 
-    def raw_blocks(self, name: str) -> torch.Tensor:
+    def raw_blocks(self, t: GGUFTensorInfo) -> torch.Tensor:
         """A quantized matrix's GGML blocks as uint8 [rows, bytes per row] (a copy, not the mapping)."""
-        t = next(t for t in self.tensors if t.name == name)
         raw = self._data[t.offset : t.offset + t.num_bytes]
         return torch.from_numpy(raw.reshape(t.shape[0], -1).copy())
 

@@ -43,23 +43,20 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, rope: tuple | None = None) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if rope is not None and type(self).project_qk is LlamaAttention.project_qk:
-            # CPU kernels: rotate Q and K in place in the projection's output, then view the heads.
+        # CPU kernels: rotate Q and K in place in the projection's output (not past a Q/K norm hook).
+        rotated = rope is not None and type(self).project_qk is LlamaAttention.project_qk
+        if rotated:
             kernels.rotary_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, *rope)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(num_tokens, self.num_heads, self.head_dim)
-            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-            return self.o_proj(self.attn(q, k, v, batch))
-        if rope is not None:
+        elif rope is not None:
             cos, sin = self._tables(rope)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.project_qk(q, k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        if not rotated:
+            q, k = self.project_qk(q, k)
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
         return self.o_proj(self.attn(q, k, v, batch))
 
     @staticmethod

@@ -157,7 +157,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
     model = _materialise(model_class, config, dtype, device, rope_freq_factors=freq_factors)
     permute = gguf.architecture in _PERMUTED_QK_ARCHS
     keep = _blocks_to_keep(gguf, model_class, dtype, device) if keep_quantized else set()
-    qtypes = {t.name: t.qtype.name for t in gguf.tensors}
     update = _progress(f"Loading {path.name}", len(names), progress)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
@@ -165,7 +164,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
             yield gguf_name, tensor.to(device)
         for t in gguf.tensors:
             if t.name in keep:
-                yield t.name, QuantizedTensor(qtypes[t.name], gguf.raw_blocks(t.name), (t.shape[0], t.shape[1]))
+                yield t.name, QuantizedTensor(t.qtype.name, gguf.raw_blocks(t), (t.shape[0], t.shape[1]))
 
     def weights() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
         for i, (gguf_name, tensor) in enumerate(tensors(), 1):
@@ -189,7 +188,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
     types = gguf.tensor_types()
     quantization = ", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
     if keep:
-        kept = sorted({qtypes[n] for n in keep})
+        kept = sorted({t.qtype.name for t in gguf.tensors if t.name in keep})
         quantization += f"; {len(keep)} matrices run from their {'/'.join(kept)} blocks (CPU kernels)"
     return LoadedModel(
         model=model,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from heron import kernels
 from heron.models.layers.linear import Linear
+from heron.models.layers.quantized import QuantizedTensor
 from heron.models.layers.rotary import RotaryEmbedding
 from heron.models.loader import LoadedModel, load_model
 from heron.worker.forward_batch import ForwardBatch
@@ -152,6 +153,12 @@ def test_smollm2_runs_from_its_gguf_blocks_as_the_dequantized_model_does(smollm2
     print(f"\nblocks vs dequantized float32: max |diff| {max_diff:.3g}, top-1 agree {agreement:.4f}")
     assert max_diff <= 1e-3  # the same weights; only summation order differs
     assert agreement >= 0.99
+
+
+def test_blocks_for_a_weight_no_layer_can_keep_are_refused(smollm2):
+    blocks = QuantizedTensor("Q8_0", torch.zeros(1, 34 * 18, dtype=torch.uint8), (1, 576))
+    with pytest.raises(ValueError, match="'model.norm.weight' cannot be kept as Q8_0 blocks"):
+        smollm2.model.load_weights(iter([("model.norm.weight", blocks)]))
 
 
 def test_smollm2_gguf_packed_batch_matches_each_sequence_alone(

@@ -148,6 +148,20 @@ def test_paged_decode_attention_takes_a_strided_query():
     torch.testing.assert_close(got, sdpa_reference(q, k_cache, v_cache, slots, lens, 0.25), rtol=1e-5, atol=1e-5)
 
 
+def test_paged_decode_attention_writes_into_out_and_refuses_a_strided_one():
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache = torch.randn(20, 2, 16, generator=gen), torch.randn(20, 2, 16, generator=gen)
+    q = torch.randn(2, 4, 16, generator=gen)
+    slots, lens = torch.arange(20).view(2, 10), torch.tensor([10, 3])
+    out = torch.zeros(3, 4, 16)
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, slots, lens, 0.25, out=out[:2])
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out[:2], sdpa_reference(q, k_cache, v_cache, slots, lens, 0.25), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[2], torch.zeros(4, 16))
+    with pytest.raises(ValueError, match="contiguous"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, slots, lens, 0.25, out=torch.zeros(2, 16, 4).transpose(1, 2))
+
+
 def test_paged_decode_attention_rejects_head_dim_not_a_multiple_of_8():
     with pytest.raises(ValueError, match="head_dim=12"):
         kernels.paged_decode_attention(torch.randn(1, 2, 12), torch.randn(4, 2, 12), torch.randn(4, 2, 12), torch.zeros(1, 2, dtype=torch.int64), torch.tensor([2]), 1.0)

@@ -1,9 +1,9 @@
 """Weights kept in their GGUF block format, and the embedding that can read them.
 
-A `QuantizedTensor` is a 2-D weight as GGML blocks ([rows, bytes per row] of uint8) that the CPU
-kernels (heron.kernels) multiply by directly. The loader hands these to `load_weights` instead of
-dequantized float32 copies when the kernels can run here; layers that receive one (Linear,
-`Embedding`) keep the blocks and drop their float32 storage.
+A `QuantizedTensor` is a 2-D weight as GGML blocks ([rows, bytes per row] of uint8). The loader hands
+these to `load_weights` instead of dequantized float32 copies when the CPU kernels (heron.kernels)
+can run here; layers that receive one (Linear, `Embedding`) keep them, repacked for the kernels'
+matmul, and drop their float32 storage.
 """
 
 from __future__ import annotations
@@ -22,17 +22,8 @@ class QuantizedTensor:
     blocks: torch.Tensor  # uint8 [rows, bytes per row]
     shape: tuple[int, int]  # the float weight's [out, in]
 
-    def reshape_rows(self, *shape: int) -> torch.Tensor:
-        """The rows as a tensor whose first dims are `shape` (for row permutations like unpermute_qk)."""
-        return self.blocks.reshape(*shape, self.blocks.shape[-1])
-
     def with_blocks(self, blocks: torch.Tensor) -> "QuantizedTensor":
         return QuantizedTensor(self.qtype, blocks.reshape(self.blocks.shape).contiguous(), self.shape)
-
-    def dequantize(self) -> torch.Tensor:
-        """float32 [out, in]: what the blocks hold (the kernels compute with exactly these values)."""
-        rows = torch.arange(self.shape[0])
-        return kernels.quant_rows(self.blocks, self.qtype, self.shape[1], rows)
 
 
 class Embedding(nn.Embedding):
@@ -47,7 +38,7 @@ class Embedding(nn.Embedding):
             raise ValueError(f"embedding of shape {tensor.shape} does not fit {self}")
         self.qtype, self.qweight = tensor.qtype, tensor.blocks
         self.packed = kernels.pack_blocks(tensor.blocks, tensor.qtype, self.num_embeddings, self.embedding_dim)
-        # The float table is no longer read: free it (the tied LM head reads the blocks too).
+        # The float table is no longer read: free it (the tied LM head reads the packed copy).
         self.weight = nn.Parameter(torch.empty(0, self.embedding_dim), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -56,5 +47,5 @@ class Embedding(nn.Embedding):
         return kernels.quant_rows(self.qweight, self.qtype, self.embedding_dim, ids.reshape(-1)).reshape(*ids.shape, -1)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H] @ table^T from the blocks: the logits of a tied LM head, float32."""
+        """hidden [T, H] @ table^T from the packed table: the logits of a tied LM head, float32."""
         return kernels.packed_linear(hidden.float(), self.packed)
