@@ -112,18 +112,6 @@ int heron_quant_rows(const uint8_t *w, int qtype, int64_t K, const int64_t *rows
     return 0;
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
-    }
-    if (i < n)
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-    return hsum(_mm256_add_ps(s0, s1));
-}
-
 /* e^x for 8 lanes (Cephes' expf: range reduction by ln 2, degree-5 polynomial; ~1 ulp), x <= 88. */
 static inline __m256 exp256(__m256 x) {
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
@@ -162,54 +150,124 @@ static float softmax_numerators(float *p, int64_t n) {
     return sum;
 }
 
+/* Eight dot products at once: lane s of the result = sum of v[s]'s lanes. */
+static inline __m256 hsum8(const __m256 v[8]) {
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+/* scores[h][j] = scale * q_h . k_j (query head h reads KV head h / G) for j in [0, L), 8 positions per
+ * pass: each head runs 8 independent accumulation chains and one transposing reduction instead of 8
+ * horizontal sums. Positions past L in the last pass re-read position L - 1; each row of scores
+ * (stride lds) has room for L rounded up to 8. Slot j's keys (all KV heads) are kv + slots[j] * stride. */
+static void attention_scores(const float *q, int64_t H, int64_t G, const float *kv, int64_t stride,
+                             const int64_t *slots, int64_t L, int64_t D, float scale, float *scores, int64_t lds) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int64_t j = 0; j < L; j += 8) {
+        /* A sequence's blocks lie scattered over a cache far bigger than the CPU's: prefetch the keys
+         * two passes ahead so that the loads do not wait on DRAM. */
+        for (int64_t s = j + 16; s < j + 24 && s < L; s++)
+            for (int64_t e = 0; e < stride; e += 16)
+                _mm_prefetch((const char *)(kv + slots[s] * stride + e), _MM_HINT_T0);
+        const float *k[8];
+        for (int s = 0; s < 8; s++)
+            k[s] = kv + slots[j + s < L ? j + s : L - 1] * stride;
+        for (int64_t h = 0; h < H; h++) {
+            const float *qh = q + h * D;
+            const int64_t off = h / G * D;
+            __m256 acc[8];
+            for (int s = 0; s < 8; s++)
+                acc[s] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + d);
+                for (int s = 0; s < 8; s++)
+                    acc[s] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[s] + off + d), acc[s]);
+            }
+            _mm256_storeu_ps(scores + h * lds + j, _mm256_mul_ps(hsum8(acc), vscale));
+        }
+    }
+}
+
+/* out[d0 .. d0 + 64) (+)= sum over j of p[j] * v_j[d0 ..] (v_j = vh + slots[j] * stride): 8 accumulation
+ * chains in registers; `first` starts from zero, otherwise from what out holds. */
+static void weighted_sum_64(const float *p, const float *vh, int64_t stride, const int64_t *slots, int64_t n,
+                            int64_t d0, float *out, int first) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++)
+        acc[i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + d0 + 8 * i);
+    for (int64_t j = 0; j < n; j++) {
+        const float *vj = vh + slots[j] * stride + d0;
+        const __m256 pj = _mm256_broadcast_ss(p + j);
+        for (int i = 0; i < 8; i++)
+            acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; i++)
+        _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+}
+
+/* The same for 8 lanes, for the part of a head_dim past its last multiple of 64. */
+static void weighted_sum_8(const float *p, const float *vh, int64_t stride, const int64_t *slots, int64_t n,
+                           int64_t d0, float *out, int first) {
+    __m256 acc = first ? _mm256_setzero_ps() : _mm256_loadu_ps(out + d0);
+    for (int64_t j = 0; j < n; j++)
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j), _mm256_loadu_ps(vh + slots[j] * stride + d0), acc);
+    _mm256_storeu_ps(out + d0, acc);
+}
+
+#define VCHUNK 16 /* positions per pass of the weighted sums: 16 slots of values stay in L1 for all heads */
+
+/* out[h] = sum over j of p[h][j] * v_j (KV head h / G) for every head h, VCHUNK positions at a time:
+ * each chunk of values comes from memory once (prefetched while the chunk before is summed) and
+ * serves all H heads from L1. Each lane still adds its terms in position order. */
+static void weighted_sums(const float *p, int64_t ldp, int64_t H, int64_t G, const float *vv, int64_t stride,
+                          const int64_t *slots, int64_t L, int64_t D, float *out) {
+    for (int64_t j0 = 0; j0 < L; j0 += VCHUNK) {
+        const int64_t n = L - j0 < VCHUNK ? L - j0 : VCHUNK;
+        for (int64_t s = j0 + VCHUNK; s < j0 + 2 * VCHUNK && s < L; s++)
+            for (int64_t e = 0; e < stride; e += 16)
+                _mm_prefetch((const char *)(vv + slots[s] * stride + e), _MM_HINT_T0);
+        for (int64_t h = 0; h < H; h++) {
+            const float *vh = vv + h / G * D;
+            int64_t d0 = 0;
+            for (; d0 + 64 <= D; d0 += 64)
+                weighted_sum_64(p + h * ldp + j0, vh, stride, slots + j0, n, d0, out + h * D, j0 == 0);
+            for (; d0 < D; d0 += 8)
+                weighted_sum_8(p + h * ldp + j0, vh, stride, slots + j0, n, d0, out + h * D, j0 == 0);
+        }
+    }
+}
+
 /* Decode attention, one query token per sequence, over K/V read in place from the paged cache.
  *   q [B, H, D] (token stride ldq), out [B, H, D] contiguous;
  *   k_cache, v_cache [num_slots, Hkv, D]; slots [B, max_len] (int64) cache slot of each position;
  *   seq_lens [B] (int64) positions each sequence attends to (its new token included).
- * Query head h reads KV head h / (H / Hkv). One job per sequence reads each cache slot whole (all
- * KV heads) in position order, which the hardware prefetcher follows; the sequence's values then
- * stay in L2 while every head takes its weighted sum. D must be a multiple of 8. */
+ * Query head h reads KV head h / (H / Hkv). One job per sequence: it reads each cache slot whole
+ * (all KV heads) in position order, the access pattern DRAM serves fastest, and every query head
+ * sharing a KV head (GQA) reuses what was read. D must be a multiple of 8. */
 int heron_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
                                  const int64_t *slots, int64_t max_len, const int64_t *seq_lens, float *out,
                                  int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
     if (D % 8 != 0 || H % Hkv != 0)
         return -1;
     const int64_t G = H / Hkv;
-    const int64_t slot_stride = Hkv * D;
+    const int64_t stride = Hkv * D;
+    const int64_t lds = ((max_len > 0 ? max_len : 1) + 7) / 8 * 8;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * (size_t)(H * (max_len > 0 ? max_len : 1)));
+        float *scores = malloc(sizeof(float) * (size_t)(H * lds));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++) {
             const int64_t L = seq_lens[b];
             const int64_t *seq_slots = slots + b * max_len;
-            const float *qb = q + b * ldq;
-            for (int64_t j = 0; j < L; j++) {
-                const float *kj = k_cache + seq_slots[j] * slot_stride;
-                for (int64_t h = 0; h < H; h++)
-                    scores[h * L + j] = dot(qb + h * D, kj + (h / G) * D, D) * scale;
-            }
+            attention_scores(q + b * ldq, H, G, k_cache, stride, seq_slots, L, D, scale, scores, lds);
             for (int64_t h = 0; h < H; h++) {
-                const float *ph = scores + h * L;
-                const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(scores + h * L, L));
-                const float *vh = v_cache + (h / G) * D;
-                float *oh = out + (b * H + h) * D;
-                /* 64 output lanes at a time, held in registers across all positions. */
-                for (int64_t d0 = 0; d0 < D; d0 += 64) {
-                    const int64_t nv = (D - d0 < 64 ? D - d0 : 64) / 8;
-                    __m256 acc[8];
-                    for (int i = 0; i < 8; i++)
-                        acc[i] = _mm256_setzero_ps();
-                    for (int64_t j = 0; j < L; j++) {
-                        const float *vj = vh + seq_slots[j] * slot_stride + d0;
-                        const __m256 pj = _mm256_set1_ps(ph[j]);
-                        for (int i = 0; i < nv; i++)
-                            acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * i), acc[i]);
-                    }
-                    for (int i = 0; i < nv; i++)
-                        _mm256_storeu_ps(oh + d0 + 8 * i, _mm256_mul_ps(acc[i], inv));
-                }
+                float *ph = scores + h * lds;
+                const __m256 inv = _mm256_set1_ps(1.0f / softmax_numerators(ph, L));
+                for (int64_t j = 0; j < L; j += 8) /* normalized up front: the sums below are then final */
+                    _mm256_storeu_ps(ph + j, _mm256_mul_ps(_mm256_loadu_ps(ph + j), inv));
             }
+            weighted_sums(scores, lds, H, G, v_cache, stride, seq_slots, L, D, out + b * H * D);
         }
         free(scores);
     }
