@@ -83,7 +83,7 @@ def _build() -> Path:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     lib.heron_quant_rows.argtypes = [p, i32, i64, p, i64, p]
-    lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, p, p, i64, i64, i64, i64, f32]
+    lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, i64, p, p, i64, i64, i64, i64, f32]
     lib.heron_packed_linear.argtypes = [p, i64, p, p, p, i32, p, i64, i64, i64, i64]
     lib.heron_add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, f32]
     lib.heron_silu_mul.argtypes = [p, p, i64, i64]
@@ -211,7 +211,8 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D]: each row attends to its seq_lens[b] cached positions slots[b, :len].
+    """q [B, H, D] -> [B, H, D]: row b attends to cached positions slots[b, :seq_lens[b]] (int64), or
+    slots[:seq_lens[b]] when `slots` is one list shared by every row (the tokens of a prefill chunk).
     `out`, when given, is a contiguous [B, H, D] float32 tensor to write into."""
     b, h, d = q.shape
     hkv = k_cache.shape[1]
@@ -221,9 +222,12 @@ def paged_decode_attention(
         out = torch.empty(b, h, d, dtype=torch.float32)
     elif not out.is_contiguous() or out.shape != (b, h, d):
         raise ValueError("paged_decode_attention: out must be a contiguous [B, H, D] tensor")
+    ld_slots = 0 if slots.dim() == 1 else slots.stride(0)
+    if slots.stride(-1) != 1 or int(seq_lens.max()) > slots.shape[-1]:
+        raise ValueError("paged_decode_attention: slots must be contiguous rows covering every length")
     rc = _lib.heron_paged_decode_attention(
-        _ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(slots), slots.shape[1], _ptr(seq_lens), _ptr(out),
-        b, h, hkv, d, scale,
+        _ptr(q), q.stride(0), _ptr(k_cache), _ptr(v_cache), _ptr(slots), ld_slots, slots.shape[-1], _ptr(seq_lens),
+        _ptr(out), b, h, hkv, d, scale,
     )
     if rc != 0:
         raise ValueError(f"paged decode attention cannot take head_dim={d}, heads={h}/{hkv}")

@@ -240,14 +240,17 @@ static void weighted_sums(const float *p, int64_t ldp, int64_t H, int64_t G, con
 
 /* Decode attention, one query token per sequence, over K/V read in place from the paged cache.
  *   q [B, H, D] (token stride ldq), out [B, H, D] contiguous;
- *   k_cache, v_cache [num_slots, Hkv, D]; slots [B, max_len] (int64) cache slot of each position;
- *   seq_lens [B] (int64) positions each sequence attends to (its new token included).
+ *   k_cache, v_cache [num_slots, Hkv, D]; slots [B, >= max_len] (int64, row stride ld_slots) cache slot
+ *   of each position; seq_lens [B] (int64, <= max_len) positions each row attends to (its own included).
+ * A row's result depends on nothing but its query, its length and the cached K/V, so the rows of a
+ * prefill chunk (ld_slots = 0: one slot list, lengths counting up) get exactly what each of those
+ * tokens would get as a decode: outputs do not depend on chunking, batching or prefix caching.
  * Query head h reads KV head h / (H / Hkv). One job per sequence: it reads each cache slot whole
  * (all KV heads) in position order, the access pattern DRAM serves fastest, and every query head
  * sharing a KV head (GQA) reuses what was read. D must be a multiple of 8. */
 int heron_paged_decode_attention(const float *q, int64_t ldq, const float *k_cache, const float *v_cache,
-                                 const int64_t *slots, int64_t max_len, const int64_t *seq_lens, float *out,
-                                 int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
+                                 const int64_t *slots, int64_t ld_slots, int64_t max_len, const int64_t *seq_lens,
+                                 float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale) {
     if (D % 8 != 0 || H % Hkv != 0)
         return -1;
     const int64_t G = H / Hkv;
@@ -259,7 +262,7 @@ int heron_paged_decode_attention(const float *q, int64_t ldq, const float *k_cac
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < B; b++) {
             const int64_t L = seq_lens[b];
-            const int64_t *seq_slots = slots + b * max_len;
+            const int64_t *seq_slots = slots + b * ld_slots;
             attention_scores(q + b * ldq, H, G, k_cache, stride, seq_slots, L, D, scale, scores, lds);
             for (int64_t h = 0; h < H; h++) {
                 float *ph = scores + h * lds;

@@ -23,6 +23,10 @@ class PrefillSpan:
     # cached context, in which case attention reads the chunk's own K/V directly.
     slots: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    # For the CPU kernel, made by the first layer that needs them: each row's length (its context
+    # and itself), and the slot list every row reads.
+    row_lens: torch.Tensor | None = None
+    row_slots: torch.Tensor | None = None
 
 
 @dataclass

@@ -136,6 +136,28 @@ def test_paged_decode_attention_matches_sdpa(heads, kv_heads, head_dim):
     assert torch.equal(alone[0], got[2])
 
 
+def test_paged_attention_of_a_prefill_chunk_is_causal_and_each_row_is_its_decode():
+    # A chunk of 37 tokens after 20 cached ones: every row reads one shared slot list up to itself.
+    gen = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim = 9, 3, 64
+    k_cache = torch.randn(100, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(100, kv_heads, head_dim, generator=gen)
+    slots = torch.randperm(100, generator=gen)[:57]
+    q = torch.randn(37, heads, head_dim, generator=gen)
+    lens = torch.arange(21, 58)
+    got = kernels.paged_decode_attention(q, k_cache, v_cache, slots, lens, 0.125)
+    k = k_cache[slots].transpose(0, 1).unsqueeze(0)
+    v = v_cache[slots].transpose(0, 1).unsqueeze(0)
+    mask = torch.ones(37, 57, dtype=torch.bool).tril(20)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(got, expected[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+    for row in (0, 17, 36):  # the same bits as that token decoding with its own slot row
+        alone = kernels.paged_decode_attention(q[row : row + 1], k_cache, v_cache, slots[None, : lens[row]], lens[row : row + 1], 0.125)
+        assert torch.equal(alone[0], got[row])
+    with pytest.raises(ValueError, match="covering every length"):
+        kernels.paged_decode_attention(q, k_cache, v_cache, slots[:40], lens, 0.125)
+
+
 def test_paged_decode_attention_takes_a_strided_query():
     gen = torch.Generator().manual_seed(0)
     k_cache = torch.randn(50, 2, 16, generator=gen)

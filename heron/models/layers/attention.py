@@ -3,9 +3,12 @@
 New K/V rows are written into the cache slots the scheduler assigned, then: all decode tokens of the
 batch attend together, and each prefill chunk attends causally (to its cached context too, when it
 has one), with PyTorch's scaled_dot_product_attention (the fused kernel each device has). On a CPU
-with Heron's kernels, decodes instead read K/V in place through their slot lists
-(heron.kernels.paged_decode_attention): gathering every sequence's cache into a padded copy for
-SDPA cost more than the attention itself.
+with Heron's kernels, every token with a KV cache, decode or prefill, instead reads K/V in place
+through its slot list (heron.kernels.paged_decode_attention): gathering every sequence's cache into
+a padded copy for SDPA cost more than the attention itself, and a token's result then depends only
+on its own query and context. SDPA's blocking changes with the chunk, which moved results by
+rounding errors: harmless for float32 activations, but enough to flip int8-quantized activations
+and, from there, greedy tokens between a request run alone and in a batch.
 """
 
 from __future__ import annotations
@@ -49,7 +52,25 @@ class Attention(torch.nn.Module):
             )
             out[:n] = od.squeeze(2)
 
+        prefill_kernel = self.causal and self._kernel_runs(q)
         for span in batch.prefills:
+            if prefill_kernel:
+                n_rows = span.end - span.start
+                if span.row_lens is None:
+                    span.row_lens = torch.arange(span.num_context + 1, span.num_context + n_rows + 1)
+                    if k_cache is None:  # a cache-free batch: the chunk's own K/V, rows 0 ..
+                        span.row_slots = torch.arange(n_rows)
+                    else:
+                        span.row_slots = batch.slot_mapping[span.start : span.end] if span.slots is None else span.slots
+                if k_cache is None:
+                    ks, vs = k[span.start : span.end].contiguous(), v[span.start : span.end].contiguous()
+                else:
+                    ks, vs = k_cache, v_cache
+                kernels.paged_decode_attention(
+                    q[span.start : span.end], ks, vs, span.row_slots, span.row_lens, self.scale,
+                    out=out[span.start : span.end],
+                )
+                continue
             qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
             if span.slots is None:
                 ks = k[span.start : span.end]
@@ -72,11 +93,7 @@ class Attention(torch.nn.Module):
         return out.view(q.shape[0], self.num_heads * self.head_dim)
 
     def _paged_kernel(self, k_cache: torch.Tensor | None, batch: ForwardBatch) -> bool:
-        return (
-            k_cache is not None
-            and batch.decode_lens is not None
-            and k_cache.device.type == "cpu"
-            and k_cache.dtype == torch.float32
-            and self.head_dim % 8 == 0
-            and kernels.available()
-        )
+        return k_cache is not None and batch.decode_lens is not None and self._kernel_runs(k_cache)
+
+    def _kernel_runs(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.dtype == torch.float32 and self.head_dim % 8 == 0 and kernels.available()
