@@ -7,6 +7,8 @@ SmolLM2-135M-Instruct, with ignore_eos so every request produces exactly `--max-
 - single stream: one prompt; decode tokens/s counts the tokens after the first over the time
   after the first token (prefill excluded), for every system.
 
+Heron runs twice: as configured by default (CPU kernels with int8 activations, as llama.cpp computes
+these weight types) and with float32 activations (HERON_CPU_INT8=0), the arithmetic transformers does.
 llama.cpp (through llama-cpp-python, an optional benchmark dependency) runs the single stream only.
 Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--dtype auto]
 """
@@ -70,6 +72,11 @@ def run_heron(args) -> dict:
     return {"tokens_per_s": (args.max_tokens - 1) / (end - first), "ttft_s": first - start, "num_tokens": args.max_tokens}
 
 
+def run_heron_float32(args) -> dict:
+    os.environ["HERON_CPU_INT8"] = "0"  # read when the weights are packed, at load
+    return run_heron(args)
+
+
 def run_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -126,7 +133,12 @@ def run_llama_cpp(args) -> dict:
     return {"tokens_per_s": (count - 1) / (end - first), "ttft_s": first - start, "num_tokens": count}
 
 
-WORKERS = {"heron": run_heron, "transformers": run_transformers, "llama.cpp": run_llama_cpp}
+WORKERS = {
+    "heron": run_heron,
+    "heron, float32 activations": run_heron_float32,
+    "transformers": run_transformers,
+    "llama.cpp": run_llama_cpp,
+}
 
 
 def worker_main(args) -> None:
@@ -168,7 +180,9 @@ def main() -> None:
     except ImportError:
         have_llama_cpp = False
 
-    cells = [("heron", "batch"), ("transformers", "batch"), ("heron", "single"), ("transformers", "single")]
+    f32 = "heron, float32 activations"
+    cells = [("heron", "batch"), (f32, "batch"), ("transformers", "batch")]
+    cells += [("heron", "single"), (f32, "single"), ("transformers", "single")]
     if have_llama_cpp:
         cells.append(("llama.cpp", "single"))
     results: dict[tuple[str, str], dict] = {}
@@ -193,9 +207,11 @@ def main() -> None:
         ttft = f"{r['ttft_s'] * 1000:.0f} ms" if "ttft_s" in r else "-"
         print(f"| {system} | {workload} | {r['tokens_per_s']:.1f} | {ttft} | {r['peak_rss_mib']:.0f} MiB |")
     print()
-    print(f"Heron / transformers, batch {args.num_prompts}: {ratio(('heron', 'batch'), ('transformers', 'batch'))}")
-    print(f"Heron / transformers, 1 stream: {ratio(('heron', 'single'), ('transformers', 'single'))}")
-    print(f"Heron / llama.cpp, 1 stream: {ratio(('heron', 'single'), ('llama.cpp', 'single'))}")
+    for name in ("heron", f32):
+        label = "Heron" if name == "heron" else "Heron (float32 activations)"
+        print(f"{label} / transformers, batch {args.num_prompts}: {ratio((name, 'batch'), ('transformers', 'batch'))}")
+        print(f"{label} / transformers, 1 stream: {ratio((name, 'single'), ('transformers', 'single'))}")
+        print(f"{label} / llama.cpp, 1 stream: {ratio((name, 'single'), ('llama.cpp', 'single'))}")
 
 
 if __name__ == "__main__":

@@ -85,12 +85,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.heron_quant_rows.argtypes = [p, i32, i64, p, i64, p]
     lib.heron_paged_decode_attention.argtypes = [p, i64, p, p, p, i64, i64, p, p, i64, i64, i64, i64, f32]
     lib.heron_packed_linear.argtypes = [p, i64, p, p, p, i32, p, i64, i64, i64, i64]
+    lib.heron_q8_linear.argtypes = [p, i64, p, p, p, i32, p, i64, i64, i64, i64]
     lib.heron_add_rms_norm.argtypes = [p, i64, p, i64, p, p, i64, i64, f32]
     lib.heron_silu_mul.argtypes = [p, p, i64, i64]
     lib.heron_rotary.argtypes = [p, i64, i64, i64, i64, p, p, p]
     for fn in (
         lib.heron_quant_rows,
         lib.heron_packed_linear,
+        lib.heron_q8_linear,
         lib.heron_paged_decode_attention,
         lib.heron_add_rms_norm,
         lib.heron_silu_mul,
@@ -131,6 +133,13 @@ def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 
 
+def int8_activations() -> bool:
+    """Whether weights packed from now on multiply int8-quantized activations (the default, as
+    llama.cpp does for these types), or float32 ones (`HERON_CPU_INT8=0`: slower, closer to a float
+    reference)."""
+    return os.environ.get("HERON_CPU_INT8", "1") not in ("0", "false", "no", "off")
+
+
 @dataclass(frozen=True)
 class PackedWeight:
     """A GGML-quantized weight [out_features, in_features] repacked into 8-row panels (pack_blocks)."""
@@ -138,17 +147,22 @@ class PackedWeight:
     qtype: str
     q: torch.Tensor  # uint8 [panels, blocks, 128] (4-bit) or int8 [panels, blocks, 256] (Q8_0)
     d: torch.Tensor  # float32 [panels, blocks, 8]
-    m: torch.Tensor | None  # float32 [panels, blocks, 8], Q4_1's mins
+    m: torch.Tensor | None  # float32 [panels, blocks, 8], the mins (Q4_1; Q4_0 too when int8)
     out_features: int
     in_features: int
+    int8: bool = False  # the layout heron_q8_linear reads (int8 activations), else heron_packed_linear's
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q, self.d, self.m) if t is not None)
 
 
-def pack_blocks(blocks: torch.Tensor, qtype: str, out_features: int, in_features: int) -> PackedWeight:
-    """GGML blocks [N, bytes per row] -> the panel layout heron_packed_linear reads (see cpu_kernels.c)."""
+def pack_blocks(
+    blocks: torch.Tensor, qtype: str, out_features: int, in_features: int, int8: bool | None = None
+) -> PackedWeight:
+    """GGML blocks [N, bytes per row] -> the panel layout the kernels read (see cpu_kernels.c): for
+    int8 activations (heron_q8_linear) when `int8` is true, or by default when int8_activations()."""
+    int8 = int8_activations() if int8 is None else int8
     n, nb = out_features, in_features // 32
     blk = blocks.reshape(n, nb, blocks.shape[-1] // nb)  # [N, blocks, bytes per block]
     panels = -(-n // 8)
@@ -162,18 +176,33 @@ def pack_blocks(blocks: torch.Tensor, qtype: str, out_features: int, in_features
         t = t.reshape(panels, 8, *t.shape[1:])
         return t.permute(0, *range(2, t.dim()), 1).contiguous()
 
-    d = to_panels(halves(0).unsqueeze(-1)).reshape(panels, nb, 8)
+    d = halves(0)
     m = None
     if qtype == "Q8_0":
-        q = to_panels(blk[..., 2:34].contiguous().view(torch.int8)).reshape(panels, nb, 256)
+        values = blk[..., 2:34].contiguous().view(torch.int8)  # [N, nb, 32], k order
+        if int8:  # [panels, nb, group, row, 4]
+            q = to_panels(values.reshape(n, nb, 8, 4)).transpose(-1, -2).contiguous().view(torch.uint8)
+        else:  # [panels, nb, k, row]
+            q = to_panels(values)
+        q = q.reshape(panels, nb, 256)
     else:
         qs = blk[..., 4:20] if qtype == "Q4_1" else blk[..., 2:18]
         values = torch.cat([qs & 0xF, qs >> 4], dim=-1)  # [N, nb, 32], k order
-        values = to_panels(values).reshape(panels, nb, 16, 2, 8)
-        q = (values[:, :, :, 0, :] | (values[:, :, :, 1, :] << 4)).reshape(panels, nb, 128).contiguous()
+        if int8:  # byte [v][row][i] = k 8v + i (low nibble) | k 8v + 4 + i (high nibble)
+            v = values.reshape(n, nb, 4, 2, 4)
+            q = to_panels(v[:, :, :, 0, :] | (v[:, :, :, 1, :] << 4)).transpose(-1, -2)
+        else:  # byte [j][row] = k 2j (low nibble) | k 2j + 1 (high nibble)
+            v = to_panels(values).reshape(panels, nb, 16, 2, 8)
+            q = v[:, :, :, 0, :] | (v[:, :, :, 1, :] << 4)
+        q = q.reshape(panels, nb, 128).contiguous()
         if qtype == "Q4_1":
-            m = to_panels(halves(2).unsqueeze(-1)).reshape(panels, nb, 8)
-    return PackedWeight(qtype, q, d.contiguous(), None if m is None else m.contiguous(), out_features, in_features)
+            m = halves(2)
+        elif int8:  # (q - 8) d = d q + m with m = -8 d: one kernel for both 4-bit types
+            m = -8 * d
+    d = to_panels(d.unsqueeze(-1)).reshape(panels, nb, 8).contiguous()
+    if m is not None:
+        m = to_panels(m.unsqueeze(-1)).reshape(panels, nb, 8).contiguous()
+    return PackedWeight(qtype, q, d, m, out_features, in_features, int8)
 
 
 def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
@@ -183,12 +212,20 @@ def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
     m = x.shape[0]
     y = torch.empty(m, w.out_features, dtype=torch.float32)
     if m:
-        rc = _lib.heron_packed_linear(
-            _ptr(x), x.stride(0), _ptr(w.q), _ptr(w.d), 0 if w.m is None else _ptr(w.m), QTYPE_CODES[w.qtype],
+        if w.int8:
+            code = 8 if w.qtype == "Q8_0" else 4
+            fn = _lib.heron_q8_linear
+        else:
+            code = QTYPE_CODES[w.qtype]
+            fn = _lib.heron_packed_linear
+        rc = fn(
+            _ptr(x), x.stride(0), _ptr(w.q), _ptr(w.d), 0 if w.m is None else _ptr(w.m), code,
             _ptr(y), w.out_features, m, w.out_features, w.in_features,
         )
         if rc != 0:
-            raise ValueError(f"heron_packed_linear cannot take {w.qtype} with K={w.in_features}")
+            raise (MemoryError if rc == -2 else ValueError)(
+                f"{'heron_q8_linear' if w.int8 else 'heron_packed_linear'} cannot take {w.qtype} with K={w.in_features}"
+            )
     return y
 
 

@@ -7,6 +7,9 @@
  *   reference does (d * q + m, rounded twice: this file is built with -ffp-contract=off), so only the
  *   summation order differs from a float32 GEMM; and every output element is summed the same way
  *   whatever M is, so a request gets bit-identical results alone or in any batch.
+ * - The same with int8 activations (heron_q8_linear, at the end): each row quantized per 32 values,
+ *   products summed in integers, as llama.cpp does; about 1.5x faster at batch 64 and 2x for one
+ *   token, at the cost of the activations' rounding. The default; HERON_CPU_INT8=0 keeps float32.
  * - Embedding rows dequantized from the file's blocks (heron_quant_rows).
  * - Decode attention over the paged KV cache, reading K/V in place through each sequence's slots.
  * - Residual add + RMSNorm, SiLU * up, and RoPE in place: the small per-layer steps, fused.
@@ -545,5 +548,208 @@ int heron_packed_linear(const float *x, int64_t ldx, const uint8_t *q, const flo
         free(acc);
         free(scratch);
     }
+    return 0;
+}
+
+/* ---- Linear layers with int8 activations (integer dot products) -------------------------------
+ * The scheme llama.cpp uses for these weight types: each activation row is quantized per 32-value
+ * block to int8 (scale amax / 127, round to nearest even), and every block
+ * of products is summed exactly in integers (vpmaddubsw: 32 u8 x s8 products per instruction, twice
+ * the multiply-adds per cycle of float32 FMAs) before one float32 rescale per block:
+ *   y[t][n] = sum over blocks b of  d[n][b] * sx[t][b] * (sum_k q[n][k] * xq[t][k])  +  m[n][b] * xs[t][b]
+ * with xs the float sum of the block's activations (Q4_1's min; Q4_0 is packed as Q4_1 with m = -8 d).
+ * Q8_0 has no m. The float terms are added in block order whatever M is, and the integer sums are
+ * exact, so a row gets the same bits alone or in any batch.
+ *
+ * Packed layout, panel p (rows 8p .. 8p + 7), block b, 4-value groups g = 0 .. 7 of the block:
+ *   Q4: q[p][b][4][8][4] bytes: byte [v][r][i] = q(k = 32b + 8v + i, r) | q(k = 32b + 8v + 4 + i, r) << 4
+ *       (the low nibbles of a 32-byte vector are group 2v, the high nibbles group 2v + 1: two masks apart)
+ *   Q8: q[p][b][8][8][4] int8: [g][r][i] = q(k = 32b + 4g + i, r)
+ *   d[p][b][8], m[p][b][8] float32 as in the float layout. */
+
+enum { DOT_Q4 = 4, DOT_Q8 = 8 };
+
+/* Row x[0 .. K) -> xq (int8), sx[b] (scale), xs[b] (float sum of the block), b < K / 32. */
+static void quantize_row_q8(const float *x, int64_t K, int8_t *xq, float *sx, float *xs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float *xb = x + 32 * b;
+        __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+            sum = _mm256_add_ps(sum, v[i]);
+        }
+        __m128 a = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        a = _mm_max_ps(a, _mm_movehl_ps(a, a));
+        a = _mm_max_ss(a, _mm_movehdup_ps(a));
+        const float scale = _mm_cvtss_f32(a) / 127.0f;
+        const __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        sx[b] = scale;
+        xs[b] = hsum(sum);
+        __m256i i32[4];
+        for (int i = 0; i < 4; i++)
+            i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+        /* packs interleave the 128-bit lanes; the permute puts the 32 values back in k order. */
+        const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]), i16b = _mm256_packs_epi32(i32[2], i32[3]);
+        const __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b), i8);
+    }
+}
+
+static inline __m256i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* acc[t][8 * NP] = rows 0 .. 8 NP of W (q, d, m at the first panel) times NT quantized tokens (xq rows
+ * ldq bytes apart, scales sx and sums xs rows nb apart), over all nb blocks. The float accumulators
+ * live in acc (L1) and are touched once per block, which leaves the 16 vector registers to the
+ * 16-bit sums and the weights. */
+#define DOT_Q4(NP, NT)                                                                                     \
+    static void dot_q4_##NP##x##NT(const uint8_t *q, const float *d, const float *m, int64_t nb,           \
+                                   const int8_t *xq, int64_t ldq, const float *sx, const float *xs,        \
+                                   float *acc) {                                                           \
+        const __m256i low = _mm256_set1_epi8(0xF);                                                         \
+        for (int i = 0; i < NT * 16; i++)                                                                  \
+            acc[i] = 0.0f;                                                                                 \
+        for (int64_t b = 0; b < nb; b++) {                                                                 \
+            __m256i s[NT][NP];                                                                             \
+            for (int t = 0; t < NT; t++)                                                                   \
+                for (int p = 0; p < NP; p++)                                                               \
+                    s[t][p] = _mm256_setzero_si256();                                                      \
+            _Pragma("GCC unroll 1") for (int v = 0; v < 4; v++) {                                          \
+                for (int half = 0; half < 2; half++) {                                                     \
+                    __m256i w[NP];                                                                         \
+                    for (int p = 0; p < NP; p++) {                                                         \
+                        const uint8_t *qp = q + (p * nb + b) * 128 + 32 * v;                               \
+                        const __m256i raw = _mm256_loadu_si256((const __m256i *)qp);                       \
+                        w[p] = _mm256_and_si256(half ? _mm256_srli_epi16(raw, 4) : raw, low);              \
+                    }                                                                                      \
+                    for (int t = 0; t < NT; t++) {                                                         \
+                        const __m256i x4 = bcast4(xq + t * ldq + 32 * b + 8 * v + 4 * half);              \
+                        for (int p = 0; p < NP; p++)                                                       \
+                            s[t][p] = _mm256_add_epi16(s[t][p], _mm256_maddubs_epi16(w[p], x4));           \
+                    }                                                                                      \
+                }                                                                                          \
+            }                                                                                              \
+            /* 8 groups x 2 x 15 x 127 < 2^15: the block's sums fit the 16-bit lanes. */                   \
+            const __m256i ones = _mm256_set1_epi16(1);                                                     \
+            for (int t = 0; t < NT; t++) {                                                                 \
+                const __m256 st = _mm256_set1_ps(sx[t * nb + b]), mt = _mm256_set1_ps(xs[t * nb + b]);     \
+                for (int p = 0; p < NP; p++) {                                                             \
+                    float *a = acc + t * 16 + 8 * p;                                                       \
+                    const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[t][p], ones));              \
+                    const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(d + (p * nb + b) * 8), st);         \
+                    __m256 f = _mm256_fmadd_ps(isum, scale, _mm256_loadu_ps(a));                           \
+                    f = _mm256_fmadd_ps(_mm256_loadu_ps(m + (p * nb + b) * 8), mt, f);                     \
+                    _mm256_storeu_ps(a, f);                                                                \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+DOT_Q4(1, 1) DOT_Q4(1, 2) DOT_Q4(1, 3) DOT_Q4(1, 4) DOT_Q4(2, 1) DOT_Q4(2, 2) DOT_Q4(2, 3) DOT_Q4(2, 4)
+
+/* Q8_0 weights are signed: |w| goes in the unsigned operand and w's sign moves onto x. A pair of
+ * 127 x 127 products can come near 2^15, so each group is widened to 32 bits at once. */
+#define DOT_Q8(NP, NT)                                                                                     \
+    static void dot_q8_##NP##x##NT(const uint8_t *q, const float *d, const float *m, int64_t nb,           \
+                                   const int8_t *xq, int64_t ldq, const float *sx, const float *xs,        \
+                                   float *acc) {                                                           \
+        (void)m;                                                                                           \
+        (void)xs;                                                                                          \
+        const __m256i ones = _mm256_set1_epi16(1);                                                         \
+        for (int i = 0; i < NT * 16; i++)                                                                  \
+            acc[i] = 0.0f;                                                                                 \
+        for (int64_t b = 0; b < nb; b++) {                                                                 \
+            __m256i s[NT][NP];                                                                             \
+            for (int t = 0; t < NT; t++)                                                                   \
+                for (int p = 0; p < NP; p++)                                                               \
+                    s[t][p] = _mm256_setzero_si256();                                                      \
+            _Pragma("GCC unroll 1") for (int g = 0; g < 8; g++) {                                          \
+                __m256i w[NP], aw[NP];                                                                     \
+                for (int p = 0; p < NP; p++) {                                                             \
+                    w[p] = _mm256_loadu_si256((const __m256i *)(q + (p * nb + b) * 256 + 32 * g));         \
+                    aw[p] = _mm256_sign_epi8(w[p], w[p]);                                                  \
+                }                                                                                          \
+                for (int t = 0; t < NT; t++) {                                                             \
+                    const __m256i x4 = bcast4(xq + t * ldq + 32 * b + 4 * g);                              \
+                    for (int p = 0; p < NP; p++)                                                           \
+                        s[t][p] = _mm256_add_epi32(s[t][p], _mm256_madd_epi16(                             \
+                            _mm256_maddubs_epi16(aw[p], _mm256_sign_epi8(x4, w[p])), ones));               \
+                }                                                                                          \
+            }                                                                                              \
+            for (int t = 0; t < NT; t++) {                                                                 \
+                const __m256 st = _mm256_set1_ps(sx[t * nb + b]);                                          \
+                for (int p = 0; p < NP; p++) {                                                             \
+                    float *a = acc + t * 16 + 8 * p;                                                       \
+                    const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(d + (p * nb + b) * 8), st);         \
+                    const __m256 isum = _mm256_cvtepi32_ps(s[t][p]);                                       \
+                    _mm256_storeu_ps(a, _mm256_fmadd_ps(isum, scale, _mm256_loadu_ps(a)));                 \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+DOT_Q8(1, 1) DOT_Q8(1, 2) DOT_Q8(1, 3) DOT_Q8(1, 4) DOT_Q8(2, 1) DOT_Q8(2, 2) DOT_Q8(2, 3) DOT_Q8(2, 4)
+
+typedef void (*dot_fn)(const uint8_t *, const float *, const float *, int64_t, const int8_t *, int64_t,
+                       const float *, const float *, float *);
+#define DOT_NT 4 /* tokens per tile: 2 panels x 4 tokens of 16-bit sums fill 8 of the 16 vector registers */
+static const dot_fn DOT_Q4_FNS[2][DOT_NT] = {{dot_q4_1x1, dot_q4_1x2, dot_q4_1x3, dot_q4_1x4},
+                                             {dot_q4_2x1, dot_q4_2x2, dot_q4_2x3, dot_q4_2x4}};
+static const dot_fn DOT_Q8_FNS[2][DOT_NT] = {{dot_q8_1x1, dot_q8_1x2, dot_q8_1x3, dot_q8_1x4},
+                                             {dot_q8_2x1, dot_q8_2x2, dot_q8_2x3, dot_q8_2x4}};
+
+/* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T with int8 activations, W packed in the dot
+ * layout above (kind DOT_Q4 or DOT_Q8). Returns 0; -1 for an unknown kind or K not a multiple of 32;
+ * -2 when out of memory. */
+int heron_q8_linear(const float *x, int64_t ldx, const uint8_t *q, const float *d, const float *m, int kind,
+                    float *y, int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    if (K % 32 != 0 || !(kind == DOT_Q4 || kind == DOT_Q8))
+        return -1;
+    const int64_t nb = K / 32;
+    const int64_t panels = (N + 7) / 8;
+    const int64_t pairs = (panels + 1) / 2;
+    const int64_t qb = kind == DOT_Q4 ? 128 : 256;
+    const dot_fn(*fns)[DOT_NT] = kind == DOT_Q4 ? DOT_Q4_FNS : DOT_Q8_FNS;
+    int8_t *xq = malloc((size_t)(M * K));
+    float *sx = malloc(sizeof(float) * (size_t)(2 * M * nb));
+    if (!xq || !sx) {
+        free(xq);
+        free(sx);
+        return -2;
+    }
+    float *xs = sx + M * nb;
+    const int64_t tiles = (M + DOT_NT - 1) / DOT_NT;
+    /* A job is a pair of panels times up to 8 tiles of tokens: the pair's weights stay in L1 while
+     * the tiles stream past them, and the jobs are coarse enough not to contend on the scheduler. */
+    const int64_t chunks = (tiles + 7) / 8;
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < M; t++)
+            quantize_row_q8(x + t * ldx, K, xq + t * K, sx + t * nb, xs + t * nb);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t job = 0; job < pairs * chunks; job++) {
+            const int64_t g = job / chunks, c = job % chunks;
+            const int64_t p0 = 2 * g;
+            const int np = p0 + 1 < panels ? 2 : 1;
+            const int64_t n0 = p0 * 8;
+            const int64_t nr = N - n0 < 8 * np ? N - n0 : 8 * np;
+            for (int64_t t0 = c * 8 * DOT_NT; t0 < M && t0 < (c + 1) * 8 * DOT_NT; t0 += DOT_NT) {
+                const int nt = (int)(M - t0 < DOT_NT ? M - t0 : DOT_NT);
+                float acc[DOT_NT * 16];
+                const float *mp = m ? m + p0 * nb * 8 : NULL;
+                fns[np - 1][nt - 1](q + p0 * nb * qb, d + p0 * nb * 8, mp, nb, xq + t0 * K, K, sx + t0 * nb,
+                                    xs + t0 * nb, acc);
+                for (int t = 0; t < nt; t++)
+                    memcpy(y + (t0 + t) * ldy + n0, acc + t * 16, sizeof(float) * nr);
+            }
+        }
+    }
+    free(xq);
+    free(sx);
     return 0;
 }

@@ -189,7 +189,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
     quantization = ", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))
     if keep:
         kept = sorted({t.qtype.name for t in gguf.tensors if t.name in keep})
-        quantization += f"; {len(keep)} matrices run from their {'/'.join(kept)} blocks (CPU kernels)"
+        activations = "int8" if kernels.int8_activations() else "float32"
+        quantization += (
+            f"; {len(keep)} matrices run from their {'/'.join(kept)} blocks (CPU kernels, {activations} activations)"
+        )
     return LoadedModel(
         model=model,
         arch_config=config,

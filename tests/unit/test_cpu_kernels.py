@@ -1,7 +1,8 @@
 """Heron's CPU kernels against references: quantized linear layers against float64 products of
-gguf-py's dequantized weights, paged decode attention against PyTorch's SDPA over gathered K/V, and
-the fused norm / activation / RoPE steps against PyTorch's. Also: a row's result does not depend on
-the batch around it (the engine's batched = alone promise).
+gguf-py's dequantized weights (float32 activations), or of activations quantized per 32-value
+block as the int8 path defines it (int8 activations), paged decode attention against PyTorch's
+SDPA over gathered K/V, and the fused norm / activation / RoPE steps against PyTorch's. Also: a row's
+result does not depend on the batch around it (the engine's batched = alone promise).
 """
 
 from __future__ import annotations
@@ -37,23 +38,48 @@ def test_rows_dequantize_exactly_as_gguf_py(qtype):
     assert torch.equal(got, reference[rows])
 
 
-def packed(qtype: str, n: int, k: int, seed: int = 0) -> tuple[kernels.PackedWeight, torch.Tensor]:
+def packed(qtype: str, n: int, k: int, seed: int = 0, int8: bool = False) -> tuple[kernels.PackedWeight, torch.Tensor]:
     blocks, w = make_blocks(qtype, n, k, seed)
-    return kernels.pack_blocks(blocks, qtype, n, k), w
+    return kernels.pack_blocks(blocks, qtype, n, k, int8=int8), w
+
+
+def block_fields(qtype: str, n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's scale d and offset m (w = d q + m; Q4_0: m = -8 d; Q8_0: m = 0), float32 [n, k / 32]."""
+    blocks, _ = make_blocks(qtype, n, k, seed)
+    blk = blocks.reshape(n, k // 32, -1)
+    d = blk[..., 0:2].contiguous().view(torch.float16).float().reshape(n, k // 32)
+    if qtype == "Q4_1":
+        return d, blk[..., 2:4].contiguous().view(torch.float16).float().reshape(n, k // 32)
+    return d, -8 * d if qtype == "Q4_0" else torch.zeros_like(d)
+
+
+def int8_reference(x: torch.Tensor, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """What the int8 path defines, in float64: each 32-value block of a row quantized to
+    round(x / s) with s = amax / 127 (float32 arithmetic, ties to even), times d q; plus m times the
+    block's float sum of x."""
+    rows, k = x.shape
+    xb = x.reshape(rows, k // 32, 32)
+    scale = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    xq = torch.round(xb * inv)
+    assert xq.abs().max() <= 127
+    x_hat = (xq.double() * scale.double()).reshape(rows, k)
+    m_full = m.double().repeat_interleave(32, dim=1)
+    return (x_hat @ (w.double() - m_full).t() + x.double() @ m_full.t()).float()
+
+
+SHAPES = [
+    (1, 64, 32),  # one block per row; the single-token path
+    (1, 44, 96),  # single token, N not a multiple of the 8-row panel nor of 4 panels
+    (2, 10, 64),  # N not a multiple of 8: a zero-padded panel
+    (5, 24, 544),  # an odd number of panels; K past the 256-wide scratch, ragged last chunk
+    (200, 8, 64),  # more tokens than one 96-token block (and than 8 tiles of 4)
+    (13, 33, 160),  # tiles of 6 (and of 4) tokens and a remainder
+]
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize(
-    ("m", "n", "k"),
-    [
-        (1, 64, 32),  # one block per row; the single-token path
-        (1, 44, 96),  # single token, N not a multiple of the 8-row panel nor of 4 panels
-        (2, 10, 64),  # N not a multiple of 8: a zero-padded panel
-        (5, 24, 544),  # an odd number of panels; K past the 256-wide scratch, ragged last chunk
-        (200, 8, 64),  # more tokens than one 96-token block
-        (13, 33, 160),  # tiles of 6 tokens and a remainder
-    ],
-)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 def test_packed_linear_matches_float64_product(qtype, m, n, k):
     w_packed, w = packed(qtype, n, k, seed=m + n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
@@ -63,17 +89,63 @@ def test_packed_linear_matches_float64_product(qtype, m, n, k):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5 * k**0.5)
 
 
-def test_packed_linear_reads_strided_rows():
-    w_packed, w = packed("Q4_1", 16, 64)
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_int8_linear_matches_its_definition_and_stays_near_the_float_product(qtype, m, n, k):
+    w_packed, w = packed(qtype, n, k, seed=m + n + k, int8=True)
+    assert w_packed.int8
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k))
+    x[0, :32] = 0.0  # an all-zero activation block (scale 0)
+    got = kernels.packed_linear(x, w_packed)
+    assert got.shape == (m, n)
+    _, offsets = block_fields(qtype, n, k, seed=m + n + k)
+    torch.testing.assert_close(got, int8_reference(x, w, offsets), rtol=1e-5, atol=2e-5 * k**0.5)
+    # What quantizing the activations costs: about 1% of the product's size.
+    exact = x.double() @ w.double().t()
+    assert (got.double() - exact).norm() <= 0.02 * exact.norm()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_int8_linear_4_bit_sums_do_not_saturate(qtype):
+    # The largest 4-bit value against activations quantized to +127 everywhere: the 16-bit sums of a
+    # block reach 30480, just under 2^15.
+    n, k = 8, 64
+    blocks, _ = make_blocks(qtype, n, k)
+    blk = blocks.reshape(n, k // 32, -1).clone()
+    start = 4 if qtype == "Q4_1" else 2
+    blk[..., start : start + 16] = 0xFF
+    blocks = blk.reshape(n, -1)
+    w = torch.from_numpy(dequantize(blocks.numpy(), GGMLQuantizationType[qtype]).copy())
+    x = torch.ones(3, k)
+    got = kernels.packed_linear(x, kernels.pack_blocks(blocks, qtype, n, k, int8=True))
+    torch.testing.assert_close(got, (x.double() @ w.double().t()).float(), rtol=1e-6, atol=1e-5)
+
+
+def test_int8_linear_takes_q8_0_weights_of_minus_128():
+    # gguf-py never writes -128, but a file may: |w| = 128 must not wrap.
+    n, k = 8, 32
+    blocks, _ = make_blocks("Q8_0", n, k, seed=3)
+    blocks = blocks.clone()
+    blocks[:, 2:34] = torch.tensor([-128, 127, -127, 1] * 8, dtype=torch.int8).view(torch.uint8)
+    w = torch.from_numpy(dequantize(blocks.numpy(), GGMLQuantizationType.Q8_0).copy())
+    x = torch.randn(2, k, generator=torch.Generator().manual_seed(2))
+    got = kernels.packed_linear(x, kernels.pack_blocks(blocks, "Q8_0", n, k, int8=True))
+    torch.testing.assert_close(got, int8_reference(x, w, torch.zeros(n, 1)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_linear_reads_strided_rows(int8):
+    w_packed, w = packed("Q4_1", 16, 64, int8=int8)
     wide = torch.randn(6, 100)
     x = wide[:, 10:74]  # rows 100 floats apart
     assert torch.equal(kernels.packed_linear(x, w_packed), kernels.packed_linear(x.contiguous(), w_packed))
-    torch.testing.assert_close(kernels.packed_linear(x, w_packed), x @ w.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.packed_linear(x, w_packed), x @ w.t(), rtol=0.03, atol=0.03 if int8 else 1e-5)
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_a_row_gives_the_same_bits_in_any_batch(qtype):
-    w_packed, _ = packed(qtype, 40, 1056)
+def test_a_row_gives_the_same_bits_in_any_batch(qtype, int8):
+    w_packed, _ = packed(qtype, 40, 1056, int8=int8)
     x = torch.randn(131, 1056, generator=torch.Generator().manual_seed(1))
     together = kernels.packed_linear(x, w_packed)
     for row in (0, 1, 2, 5, 6, 95, 96, 97, 130):
@@ -83,15 +155,25 @@ def test_a_row_gives_the_same_bits_in_any_batch(qtype):
         assert torch.equal(kernels.packed_linear(x[start:stop], w_packed), together[start:stop])
 
 
-def test_packed_linear_rejects_k_not_a_multiple_of_32():
-    w_packed, _ = packed("Q8_0", 4, 64)
-    bad = kernels.PackedWeight("Q8_0", w_packed.q, w_packed.d, None, 4, 48)
+def test_int8_activations_are_the_default_and_the_environment_turns_them_off(monkeypatch):
+    blocks, _ = make_blocks("Q4_1", 8, 32)
+    monkeypatch.delenv("HERON_CPU_INT8", raising=False)
+    assert kernels.int8_activations() and kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
+    monkeypatch.setenv("HERON_CPU_INT8", "0")
+    assert not kernels.int8_activations() and not kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_linear_rejects_k_not_a_multiple_of_32(int8):
+    w_packed, _ = packed("Q8_0", 4, 64, int8=int8)
+    bad = kernels.PackedWeight("Q8_0", w_packed.q, w_packed.d, None, 4, 48, int8)
     with pytest.raises(ValueError, match="K=48"):
         kernels.packed_linear(torch.randn(2, 48), bad)
 
 
-def test_packed_linear_with_no_rows():
-    w_packed, _ = packed("Q8_0", 4, 64)
+@pytest.mark.parametrize("int8", [False, True])
+def test_packed_linear_with_no_rows(int8):
+    w_packed, _ = packed("Q8_0", 4, 64, int8=int8)
     assert kernels.packed_linear(torch.randn(0, 64), w_packed).shape == (0, 4)
 
 
