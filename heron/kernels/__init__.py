@@ -222,10 +222,11 @@ def packed_linear(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
             _ptr(x), x.stride(0), _ptr(w.q), _ptr(w.d), 0 if w.m is None else _ptr(w.m), code,
             _ptr(y), w.out_features, m, w.out_features, w.in_features,
         )
+        if rc == -2:
+            raise MemoryError(f"heron_q8_linear: no memory for {m} x {w.in_features} quantized activations")
         if rc != 0:
-            raise (MemoryError if rc == -2 else ValueError)(
-                f"{'heron_q8_linear' if w.int8 else 'heron_packed_linear'} cannot take {w.qtype} with K={w.in_features}"
-            )
+            name = "heron_q8_linear" if w.int8 else "heron_packed_linear"
+            raise ValueError(f"{name} cannot take {w.qtype} with K={w.in_features}")
     return y
 
 
