@@ -8,8 +8,9 @@
  *   summation order differs from a float32 GEMM; and every output element is summed the same way
  *   whatever M is, so a request gets bit-identical results alone or in any batch.
  * - The same with int8 activations (heron_q8_linear, at the end): each row quantized per 32 values,
- *   products summed in integers, as llama.cpp does; about 1.5x faster at batch 64 and 2x for one
- *   token, at the cost of the activations' rounding. The default; HERON_CPU_INT8=0 keeps float32.
+ *   products summed in integers, as llama.cpp does; about 1.5x faster at batch 64 (one token is
+ *   bound by the weights' bytes either way), at the cost of the activations' rounding. The default;
+ *   HERON_CPU_INT8=0 keeps float32.
  * - Embedding rows dequantized from the file's blocks (heron_quant_rows).
  * - Decode attention over the paged KV cache, reading K/V in place through each sequence's slots.
  * - Residual add + RMSNorm, SiLU * up, and RoPE in place: the small per-layer steps, fused.
@@ -554,8 +555,8 @@ int heron_packed_linear(const float *x, int64_t ldx, const uint8_t *q, const flo
 /* ---- Linear layers with int8 activations (integer dot products) -------------------------------
  * The scheme llama.cpp uses for these weight types: each activation row is quantized per 32-value
  * block to int8 (scale amax / 127, round to nearest even), and every block
- * of products is summed exactly in integers (vpmaddubsw: 32 u8 x s8 products per instruction, twice
- * the multiply-adds per cycle of float32 FMAs) before one float32 rescale per block:
+ * of products is summed exactly in integers (vpmaddubsw: 32 u8 x s8 products per instruction, four
+ * times a float32 FMA's 8) before one float32 rescale per block:
  *   y[t][n] = sum over blocks b of  d[n][b] * sx[t][b] * (sum_k q[n][k] * xq[t][k])  +  m[n][b] * xs[t][b]
  * with xs the float sum of the block's activations (Q4_1's min; Q4_0 is packed as Q4_1 with m = -8 d).
  * Q8_0 has no m. The float terms are added in block order whatever M is, and the integer sums are
@@ -731,7 +732,7 @@ int heron_q8_linear(const float *x, int64_t ldx, const uint8_t *q, const float *
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < M; t++)
             quantize_row_q8(x + t * ldx, K, xq + t * K, sx + t * nb, xs + t * nb);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 2)
         for (int64_t job = 0; job < pairs * chunks; job++) {
             const int64_t g = job / chunks, c = job % chunks;
             const int64_t p0 = 2 * g;

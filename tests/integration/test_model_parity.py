@@ -95,8 +95,8 @@ SMOLLM2_OTHER_TEXTS = [
     "Les chats dorment souvent seize heures par jour, 日本語も少し。",
 ]
 SMOLLM2_ATOL = 1e-3
-AGREE = 0.92  # int8 activations: measured 0.942 on the text
-KL_MEAN = 0.03  # nats per position; measured 0.0149
+AGREE = 0.92  # int8 activations: measured 0.934 on the text
+KL_MEAN = 0.03  # nats per position; measured 0.0152
 
 
 @pytest.fixture(scope="module")
