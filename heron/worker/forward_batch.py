@@ -22,7 +22,7 @@ class PrefillSpan:
     # Cache slots of the whole sequence so far (context + this chunk); None when the chunk has no
     # cached context, in which case attention reads the chunk's own K/V directly.
     slots: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
+    mask: torch.Tensor | None = None  # SDPA's causal mask over context + chunk, made on first use
     # For the CPU kernel, made by the first layer that needs them: each row's length (its context
     # and itself), and the slot list every row reads.
     row_lens: torch.Tensor | None = None

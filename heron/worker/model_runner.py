@@ -115,8 +115,6 @@ class ModelRunner:
             span = PrefillSpan(start, len(input_ids), start_pos)
             if start_pos > 0:
                 span.slots = torch.tensor(self._slots(s.block_ids, 0, end_pos), device=self.device)
-                # Query i (absolute position start_pos + i) sees keys 0 .. start_pos + i.
-                span.mask = torch.ones(s.num_tokens, end_pos, dtype=torch.bool, device=self.device).tril(start_pos)
             spans.append(span)
 
         decode_slots = decode_mask = decode_lens = None

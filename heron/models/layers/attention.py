@@ -79,6 +79,11 @@ class Attention(torch.nn.Module):
             else:
                 ks = k_cache[span.slots]
                 vs = v_cache[span.slots]
+                if span.mask is None:  # made once per step, by the first layer on this path
+                    # Query i (absolute position num_context + i) sees keys 0 .. num_context + i.
+                    n_rows = span.end - span.start
+                    span.mask = torch.ones(n_rows, span.num_context + n_rows, dtype=torch.bool, device=q.device)
+                    span.mask = span.mask.tril(span.num_context)
                 mask, is_causal = span.mask, False
             os_ = F.scaled_dot_product_attention(
                 qs,
