@@ -213,6 +213,16 @@ def run_offline(args: argparse.Namespace, level_prompts: dict[int, list[str]]) -
 # --------------------------------------------------------------------------------------------- report
 
 
+def heron_path(args) -> str:
+    """The CPU, kernel build and dtype Heron runs the bundled model with on this machine."""
+    from heron import kernels
+    from heron.models.bundled import default_chat_model_path
+    from heron.models.loader import plan_run_path, resolve_device
+
+    run_path = plan_run_path(default_chat_model_path(), args.dtype or "auto", resolve_device("cpu"))
+    return f"{kernels.machine_summary()}; path: {run_path.describe()}"
+
+
 def report(args, target: str, model: str | None, levels: list[LevelResult], offline: dict[int, list[float]],
            warmup: RequestResult | None, load_start: str) -> None:
     """The table this script has always printed (served vs offline), then the notes."""
@@ -228,6 +238,8 @@ def report(args, target: str, model: str | None, levels: list[LevelResult], offl
            + ", ".join(f"{len(v)} run(s) at batch {c}" for c, v in offline.items()) + "."
            if offline else "Offline: not measured.")
     )
+    print()
+    print(f"Heron here (the server this script starts, and the offline engine): {heron_path(args)}")
     print()
     print("| concurrency | requests | output tok/s served | offline tok/s | served/offline "
           "| TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 |")

@@ -9,6 +9,9 @@ SmolLM2-135M-Instruct, with ignore_eos so every request produces exactly `--max-
 
 Heron runs twice: as configured by default (CPU kernels with int8 activations, as llama.cpp computes
 these weight types) and with float32 activations (HERON_CPU_INT8=0), the arithmetic transformers does.
+On a CPU with AVX-512 VNNI, where the default is the AVX-512 build, it also runs with the AVX2 build
+forced (HERON_CPU_ISA=avx2), so the two builds are compared in the same run. The header names the CPU,
+its flags and the path (dtype, build, activations).
 llama.cpp (through llama-cpp-python, an optional benchmark dependency) runs the single stream only.
 Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--dtype auto]
 """
@@ -77,6 +80,11 @@ def run_heron_float32(args) -> dict:
     return run_heron(args)
 
 
+def run_heron_avx2(args) -> dict:
+    os.environ["HERON_CPU_ISA"] = "avx2"  # read when the kernels are first loaded
+    return run_heron(args)
+
+
 def run_transformers(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,6 +144,7 @@ def run_llama_cpp(args) -> dict:
 WORKERS = {
     "heron": run_heron,
     "heron, float32 activations": run_heron_float32,
+    "heron, AVX2 build": run_heron_avx2,
     "transformers": run_transformers,
     "llama.cpp": run_llama_cpp,
 }
@@ -180,9 +189,14 @@ def main() -> None:
     except ImportError:
         have_llama_cpp = False
 
-    f32 = "heron, float32 activations"
-    cells = [("heron", "batch"), (f32, "batch"), ("transformers", "batch")]
-    cells += [("heron", "single"), (f32, "single"), ("transformers", "single")]
+    from heron import kernels
+    from heron.models.bundled import default_chat_model_path
+    from heron.models.loader import plan_run_path, resolve_device
+
+    f32, avx2 = "heron, float32 activations", "heron, AVX2 build"
+    both_builds = kernels.status().isa == "avx512"
+    cells = [("heron", "batch"), (f32, "batch")] + ([(avx2, "batch")] if both_builds else []) + [("transformers", "batch")]
+    cells += [("heron", "single"), (f32, "single")] + ([(avx2, "single")] if both_builds else []) + [("transformers", "single")]
     if have_llama_cpp:
         cells.append(("llama.cpp", "single"))
     results: dict[tuple[str, str], dict] = {}
@@ -198,8 +212,11 @@ def main() -> None:
             return f"{results[a]['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x"
         return "n/a"
 
+    run_path = plan_run_path(default_chat_model_path(), args.dtype, resolve_device("cpu"))
     print(f"\nSmolLM2-135M-Instruct, dtype={args.dtype}, {args.max_tokens} tokens per request, ignore_eos, "
-          f"{os.cpu_count()} CPU threads, median of {args.repeats}\n")
+          f"{os.cpu_count()} CPU threads, median of {args.repeats}")
+    print(kernels.machine_summary())
+    print(f"Heron's default path: {run_path.describe()}\n")
     print("| system | workload | tokens/s | TTFT | peak RSS |")
     print("| --- | --- | ---: | ---: | ---: |")
     for (system, mode), r in results.items():
@@ -207,6 +224,9 @@ def main() -> None:
         ttft = f"{r['ttft_s'] * 1000:.0f} ms" if "ttft_s" in r else "-"
         print(f"| {system} | {workload} | {r['tokens_per_s']:.1f} | {ttft} | {r['peak_rss_mib']:.0f} MiB |")
     print()
+    if both_builds:
+        print(f"AVX-512 build / AVX2 build, batch {args.num_prompts}: {ratio(('heron', 'batch'), (avx2, 'batch'))}")
+        print(f"AVX-512 build / AVX2 build, 1 stream: {ratio(('heron', 'single'), (avx2, 'single'))}")
     for name in ("heron", f32):
         label = "Heron" if name == "heron" else "Heron (float32 activations)"
         print(f"{label} / transformers, batch {args.num_prompts}: {ratio((name, 'batch'), ('transformers', 'batch'))}")

@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -41,6 +40,8 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import httpx
+
+from heron.cpu_info import CpuInfo
 
 RESULTS_FORMAT = "heron-bench/1"
 PERCENTILES = (50, 90, 99)
@@ -125,21 +126,8 @@ def distribution(values: list[float]) -> dict[str, float | None]:
 
 
 def machine_description() -> str:
-    """CPU model, count and widest vector extension: bf16 speed on CPU hinges on the last."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    isa = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                   ("amx_bf16", "AMX-BF16")) if flag in flags]
-    return f"{cpu}, {os.cpu_count()} CPUs" + (f" ({', '.join(isa)})" if isa else "")
+    """CPU model, count and the flags that decide Heron's paths (AVX2, AVX-512, native bf16)."""
+    return f"{CpuInfo.read().describe()}, {os.cpu_count()} CPUs"
 
 
 def loadavg() -> str:

@@ -111,11 +111,12 @@ def inspect_model(model: str | None, dtype: str = "auto", device: str = "auto") 
 
     from heron.models.arch_config import ArchConfig
     from heron.models.gguf import GGUFFile
-    from heron.models.loader import resolve_device, resolve_dtype, resolve_model_path, safetensors_files
+    from heron.models.loader import plan_run_path, resolve_device, resolve_model_path, safetensors_files
     from heron.models.tokenizer import Tokenizer
 
     path = resolve_model_path(model)
-    run_dtype = resolve_dtype(dtype, resolve_device(device))
+    run_path = plan_run_path(path, dtype, resolve_device(device))
+    run_dtype = run_path.dtype
     info: dict[str, Any] = {"path": str(path)}
     if path.is_file():
         gguf = GGUFFile(path)
@@ -171,6 +172,7 @@ def inspect_model(model: str | None, dtype: str = "auto", device: str = "auto") 
     info.update(
         parameters=num_params,
         run_dtype=str(run_dtype).removeprefix("torch."),
+        run_path=run_path.describe(),
         weight_memory=_format_bytes(num_params * element),
         vocab_size=tokenizer.vocab_size,
         special_tokens={k: v for k, v in tokenizer.special_tokens.items() if v is not None},
@@ -178,6 +180,8 @@ def inspect_model(model: str | None, dtype: str = "auto", device: str = "auto") 
         eos_token_id=tokenizer.eos_token_id,
         add_bos_token=tokenizer.add_bos_token,
     )
+    if run_path.kernels is not None:
+        info["cpu"] = run_path.kernels.cpu
     if config is not None:
         kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element
         info["kv_cache_per_token"] = _format_bytes(kv_per_token)
@@ -224,6 +228,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             )
         else:
             detail = "embeddings"
+        if loaded.run_path is not None:
+            log.info("model %s runs in %s; CPU: %s", model.names[0], loaded.run_path.describe(),
+                     loaded.run_path.kernels.cpu if loaded.run_path.kernels else loaded.device)
         log.info(
             "model %s: %s (%s) on %s; context %d tokens; %s; memory %s",
             ", ".join(model.names),

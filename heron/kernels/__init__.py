@@ -1,39 +1,66 @@
 """Native CPU kernels: building cpu_kernels.c on first use, loading it, and calling it on tensors.
 
-The C file is compiled once per source version with the system C compiler into Heron's cache
+The C file is compiled once per source version and ISA with the system C compiler into Heron's cache
 directory (`HERON_CACHE_DIR`, else `$XDG_CACHE_HOME/heron` or `~/.cache/heron`), a second or two.
-Where it cannot run (not x86-64 with AVX2/FMA/F16C, no compiler, `HERON_CPU_KERNELS=0`) `available()`
-is False, and callers keep PyTorch's path: quantized weights are then dequantized at load time.
+Which build runs comes from the CPU's own flags (heron.cpu_info): the AVX-512 VNNI build where
+the CPU has it, else the AVX2 one; `HERON_CPU_ISA=avx2` forces the AVX2 build on an AVX-512 CPU. Both
+give the same bits. Where none can run (not x86-64 with AVX2/FMA/F16C, no compiler,
+`HERON_CPU_KERNELS=0`) `available()` is False, and callers keep PyTorch's path: quantized weights are
+then dequantized at load time. `status()` says which build runs and why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch  # loaded first: the kernels' OpenMP runtime must be the one torch already runs on
 
+from heron.cpu_info import CpuInfo, choose_isa
+
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC"]
-_REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+_BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC"]
+_ISA_FLAGS = {
+    "avx2": [],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DHERON_AVX512"],
+}
+_OFF_VALUES = ("0", "false", "no", "off")
 
 # GGML type codes the kernels read (names as gguf-py's GGMLQuantizationType spells them).
 QTYPE_CODES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
 
+
+@dataclass(frozen=True)
+class KernelStatus:
+    """Which build of the kernels runs in this process (None: PyTorch's path), and why."""
+
+    isa: str | None
+    reason: str
+    cpu: str
+
+    def describe(self) -> str:
+        if self.isa is None:
+            return self.reason
+        activations = "int8" if int8_activations() else "float32"
+        return f"CPU kernels {self.isa} ({self.reason}), {activations} activations"
+
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
-_tried = False
+_status: KernelStatus | None = None  # None until load() decided
+_builds: dict[str, ctypes.CDLL] = {}  # every build loaded so far, by ISA (tests and benchmarks load two)
 
 
 def cache_dir() -> Path:
@@ -43,26 +70,20 @@ def cache_dir() -> Path:
     return Path(base) / "heron"
 
 
-def _cpu_supported() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return _REQUIRED_CPU_FLAGS <= set(line.split(":", 1)[1].split())
-    except OSError:
-        return False
-    return False
-
-
-def _build() -> Path:
+def build(isa: str, emulate_with: str | None = None) -> Path:
+    """The shared library of `isa`'s build (compiled on first call, then cached). `emulate_with`: a
+    SIMDe include directory, to build the AVX-512 code for a CPU without AVX-512 (tests only)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    source = _SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{digest}.so"
+    if emulate_with is None:
+        flags = _BASE_FLAGS + _ISA_FLAGS[isa]
+        name = isa
+    else:  # the AVX-512 source on AVX2 instructions: SIMDe implements the 512-bit intrinsics
+        flags = _BASE_FLAGS + ["-DHERON_AVX512", "-DHERON_SIMDE", "-Wno-psabi", f"-I{emulate_with}"]
+        name = f"{isa}-simde"
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_kernels-{name}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -70,7 +91,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -101,32 +122,81 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = ctypes.c_int
 
 
+def load_build(isa: str, emulate_with: str | None = None) -> ctypes.CDLL:
+    """`isa`'s build, loaded (once per process). Raises OSError/RuntimeError where it cannot be built."""
+    key = isa if emulate_with is None else f"{isa}-simde"
+    if key not in _builds:
+        lib = ctypes.CDLL(str(build(isa, emulate_with)))
+        _declare(lib)
+        _builds[key] = lib
+    return _builds[key]
+
+
+def _decide() -> tuple[ctypes.CDLL | None, KernelStatus]:
+    cpu = CpuInfo.read()
+    if os.environ.get("HERON_CPU_KERNELS", "1").lower() in _OFF_VALUES:
+        return None, KernelStatus(None, "CPU kernels off: HERON_CPU_KERNELS=0", cpu.describe())
+    isa, reason = choose_isa(cpu, os.environ.get("HERON_CPU_ISA", "auto"))
+    if isa is None:
+        return None, KernelStatus(None, reason, cpu.describe())
+    try:
+        lib = load_build(isa)
+    except (OSError, RuntimeError) as exc:
+        return None, KernelStatus(None, f"CPU kernels off: {exc}", cpu.describe())
+    return lib, KernelStatus(isa, reason, cpu.describe())
+
+
 def load() -> ctypes.CDLL | None:
     """The kernel library, built on first call; None where it cannot run here (logged once)."""
-    global _lib, _tried
+    global _lib, _status
     with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if os.environ.get("HERON_CPU_KERNELS", "1") in ("0", "false", "no", "off"):
-            return None
-        if not _cpu_supported():
-            logger.info("CPU kernels off: this CPU lacks AVX2/FMA/F16C; using PyTorch's float32 path")
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError) as exc:
-            logger.warning("CPU kernels off (%s); using PyTorch's float32 path", exc)
-            return None
-        _declare(lib)
-        _lib = lib
+        if _status is None:
+            _lib, _status = _decide()
+            (logger.info if _lib is not None else logger.warning)("%s; CPU: %s", _status.describe(), _status.cpu)
         return _lib
 
 
 def available() -> bool:
-    if _tried:  # the common case, on every layer of every step: no lock
+    if _status is not None:  # the common case, on every layer of every step: no lock
         return _lib is not None
     return load() is not None
+
+
+def status() -> KernelStatus:
+    """Which build runs (deciding now if nothing has asked yet)."""
+    load()
+    return _status
+
+
+def machine_summary() -> str:
+    """The CPU, for benchmark headers (beside RunPath.describe()): figures from different machines
+    or paths must never be compared by mistake."""
+    return f"CPU: {status().cpu}; {os.cpu_count()} threads"
+
+
+@contextlib.contextmanager
+def using(isa: str | None, emulate_with: str | None = None) -> Iterator[None]:
+    """Run `isa`'s build (None: no kernels, PyTorch's path) until the block ends: for tests and
+    benchmarks that compare builds in one process. Weights packed under one build run under the
+    other (both read the same layout); a model loaded with kernels off has no packed weights.
+    `emulate_with` (a SIMDe include directory) runs the AVX-512 code on an AVX2 CPU, slowly.
+    Raises RuntimeError for a build this CPU cannot run."""
+    global _lib, _status
+    load()
+    runnable = CpuInfo.read().kernel_isas
+    if isa is not None and isa not in runnable and not (emulate_with and "avx2" in runnable):
+        raise RuntimeError(f"this CPU cannot run the {isa} build of the kernels")
+    lib = None if isa is None else load_build(isa, emulate_with)
+    with _lock:
+        saved = _lib, _status
+        _lib = lib
+        why = "CPU kernels off: kernels.using(None)" if isa is None else "selected by kernels.using()"
+        _status = KernelStatus(isa if emulate_with is None else f"{isa}-simde", why, saved[1].cpu)
+    try:
+        yield
+    finally:
+        with _lock:
+            _lib, _status = saved
 
 
 def _ptr(t: torch.Tensor) -> int:

@@ -17,8 +17,18 @@
  *
  * Threads come from OpenMP; Python loads this library after torch, so the runtime (and its thread
  * pool) is the one torch already runs on.
+ *
+ * One source, built once per ISA (heron/kernels/__init__.py): the AVX2 build, and with HERON_AVX512
+ * defined an AVX-512 build (F/BW/VL/VNNI) whose int8 matmul tiles sum with vpdpbusd over two panels
+ * per register. Both sum the same exact integers and do the same float operations per output, so
+ * the two builds give bit-identical results (tested). HERON_SIMDE builds the AVX-512 code on a CPU
+ * without it, through SIMDe's portable intrinsics: slow, for testing only.
  */
 #include <immintrin.h>
+#if defined(HERON_AVX512) && defined(HERON_SIMDE)
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -697,11 +707,101 @@ DOT_Q8(1, 1) DOT_Q8(1, 2) DOT_Q8(1, 3) DOT_Q8(1, 4) DOT_Q8(2, 1) DOT_Q8(2, 2) DO
 
 typedef void (*dot_fn)(const uint8_t *, const float *, const float *, int64_t, const int8_t *, int64_t,
                        const float *, const float *, float *);
+
+#ifdef HERON_AVX512
+/* The same tiles with AVX-512 VNNI: one 512-bit register holds a group of both panels (16 rows x 4
+ * values), and vpdpbusd sums u8 x s8 products in fours straight into 32-bit lanes (no 16-bit stage,
+ * no saturation), so a tile of 8 tokens takes one instruction per group and token. The integer sums
+ * equal the AVX2 tiles' exactly, and the float steps below are the AVX2 ones lane by lane (scale
+ * d * sx, then fmadd, then m * xs), so the results are the same bits. With one panel (np = 1) the
+ * upper half is zero and never read. */
+static inline __m512i pair256(const uint8_t *lo, int64_t hi_offset, int np) {
+    const __m256i a = _mm256_loadu_si256((const __m256i *)lo);
+    if (np == 1)
+        return _mm512_inserti64x4(_mm512_setzero_si512(), a, 0);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(a), _mm256_loadu_si256((const __m256i *)(lo + hi_offset)), 1);
+}
+
+static inline __m512 pair_ps(const float *lo, int64_t hi_offset, int np) {
+    const __m256 a = _mm256_loadu_ps(lo);
+    const __m256 b = np == 1 ? _mm256_setzero_ps() : _mm256_loadu_ps(lo + hi_offset);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+}
+
+#define DOT512(KIND, NT)                                                                                   \
+    static void dot512_##KIND##_##NT(int np, const uint8_t *q, const float *d, const float *m, int64_t nb, \
+                                     const int8_t *xq, int64_t ldq, const float *sx, const float *xs,      \
+                                     float *acc) {                                                         \
+        const int64_t qb = KIND == DOT_Q4 ? 128 : 256;                                                     \
+        const __m512i low = _mm512_set1_epi8(0xF);                                                         \
+        for (int i = 0; i < NT * 16; i++)                                                                  \
+            acc[i] = 0.0f;                                                                                 \
+        for (int64_t b = 0; b < nb; b++) {                                                                 \
+            __m512i s[NT];                                                                                 \
+            for (int t = 0; t < NT; t++)                                                                   \
+                s[t] = _mm512_setzero_si512();                                                             \
+            _Pragma("GCC unroll 1") for (int g = 0; g < 8; g++) {                                          \
+                __m512i w;                                                                                 \
+                __mmask64 neg = 0;                                                                         \
+                if (KIND == DOT_Q4) { /* groups 2v and 2v + 1 are the low and high nibbles of row v */     \
+                    const __m512i raw = pair256(q + b * qb + 32 * (g / 2), nb * qb, np);                   \
+                    w = _mm512_and_si512(g % 2 ? _mm512_srli_epi16(raw, 4) : raw, low);                    \
+                } else { /* |w| unsigned, w's sign moved onto x */                                         \
+                    const __m512i raw = pair256(q + b * qb + 32 * g, nb * qb, np);                         \
+                    neg = _mm512_movepi8_mask(raw);                                                        \
+                    w = _mm512_abs_epi8(raw);                                                              \
+                }                                                                                          \
+                const int64_t k = 32 * b + 4 * g;                                                          \
+                for (int t = 0; t < NT; t++) {                                                             \
+                    int32_t v;                                                                             \
+                    memcpy(&v, xq + t * ldq + k, 4);                                                       \
+                    __m512i x4 = _mm512_set1_epi32(v);                                                     \
+                    if (KIND == DOT_Q8)                                                                    \
+                        x4 = _mm512_mask_sub_epi8(x4, neg, _mm512_setzero_si512(), x4);                    \
+                    s[t] = _mm512_dpbusd_epi32(s[t], w, x4);                                               \
+                }                                                                                          \
+            }                                                                                              \
+            const __m512 db = pair_ps(d + b * 8, nb * 8, np);                                              \
+            const __m512 mb = KIND == DOT_Q4 ? pair_ps(m + b * 8, nb * 8, np) : _mm512_setzero_ps();       \
+            for (int t = 0; t < NT; t++) {                                                                 \
+                float *a = acc + t * 16;                                                                   \
+                const __m512 scale = _mm512_mul_ps(db, _mm512_set1_ps(sx[t * nb + b]));                    \
+                __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), scale, _mm512_loadu_ps(a));           \
+                if (KIND == DOT_Q4)                                                                        \
+                    f = _mm512_fmadd_ps(mb, _mm512_set1_ps(xs[t * nb + b]), f);                            \
+                _mm512_storeu_ps(a, f);                                                                    \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+DOT512(DOT_Q4, 1) DOT512(DOT_Q4, 2) DOT512(DOT_Q4, 3) DOT512(DOT_Q4, 4)
+DOT512(DOT_Q4, 5) DOT512(DOT_Q4, 6) DOT512(DOT_Q4, 7) DOT512(DOT_Q4, 8)
+DOT512(DOT_Q8, 1) DOT512(DOT_Q8, 2) DOT512(DOT_Q8, 3) DOT512(DOT_Q8, 4)
+DOT512(DOT_Q8, 5) DOT512(DOT_Q8, 6) DOT512(DOT_Q8, 7) DOT512(DOT_Q8, 8)
+
+#define DOT512_WRAP(KIND, NP, NT)                                                                          \
+    static void dot512_##KIND##_##NP##x##NT(const uint8_t *q, const float *d, const float *m, int64_t nb,  \
+                                            const int8_t *xq, int64_t ldq, const float *sx,                \
+                                            const float *xs, float *acc) {                                 \
+        dot512_##KIND##_##NT(NP, q, d, m, nb, xq, ldq, sx, xs, acc);                                       \
+    }
+#define DOT512_ROW(KIND, NP)                                                                               \
+    DOT512_WRAP(KIND, NP, 1) DOT512_WRAP(KIND, NP, 2) DOT512_WRAP(KIND, NP, 3) DOT512_WRAP(KIND, NP, 4)    \
+    DOT512_WRAP(KIND, NP, 5) DOT512_WRAP(KIND, NP, 6) DOT512_WRAP(KIND, NP, 7) DOT512_WRAP(KIND, NP, 8)
+DOT512_ROW(DOT_Q4, 1) DOT512_ROW(DOT_Q4, 2) DOT512_ROW(DOT_Q8, 1) DOT512_ROW(DOT_Q8, 2)
+
+#define DOT_NT 8 /* tokens per tile: 8 accumulators of 16 rows, a quarter of the 32 vector registers */
+#define DOT512_FNS(KIND, NP)                                                                               \
+    {dot512_##KIND##_##NP##x1, dot512_##KIND##_##NP##x2, dot512_##KIND##_##NP##x3, dot512_##KIND##_##NP##x4, \
+     dot512_##KIND##_##NP##x5, dot512_##KIND##_##NP##x6, dot512_##KIND##_##NP##x7, dot512_##KIND##_##NP##x8}
+static const dot_fn DOT_Q4_FNS[2][DOT_NT] = {DOT512_FNS(DOT_Q4, 1), DOT512_FNS(DOT_Q4, 2)};
+static const dot_fn DOT_Q8_FNS[2][DOT_NT] = {DOT512_FNS(DOT_Q8, 1), DOT512_FNS(DOT_Q8, 2)};
+#else
 #define DOT_NT 4 /* tokens per tile: 2 panels x 4 tokens of 16-bit sums fill 8 of the 16 vector registers */
 static const dot_fn DOT_Q4_FNS[2][DOT_NT] = {{dot_q4_1x1, dot_q4_1x2, dot_q4_1x3, dot_q4_1x4},
                                              {dot_q4_2x1, dot_q4_2x2, dot_q4_2x3, dot_q4_2x4}};
 static const dot_fn DOT_Q8_FNS[2][DOT_NT] = {{dot_q8_1x1, dot_q8_1x2, dot_q8_1x3, dot_q8_1x4},
                                              {dot_q8_2x1, dot_q8_2x2, dot_q8_2x3, dot_q8_2x4}};
+#endif
 
 /* y[M, N] (row stride ldy) = x[M, K] (row stride ldx) @ W^T with int8 activations, W packed in the dot
  * layout above (kind DOT_Q4 or DOT_Q8). Returns 0; -1 for an unknown kind or K not a multiple of 32;

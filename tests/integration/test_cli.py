@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from heron.cpu_info import CpuInfo
+
 
 def heron(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -32,6 +36,20 @@ def test_inspect_bundled_gguf_reports_what_a_user_needs():
     assert info["special_tokens"]["eos_token"] == "<|im_end|>"
     assert info["chat_template_source"].startswith("GGUF metadata")
     assert info["weight_memory"].endswith(("MiB", "GiB"))
+    # Which path runs and why, from this CPU's own flags.
+    cpu = CpuInfo.read()
+    assert info["cpu"] == cpu.describe()
+    if cpu.kernel_isas:
+        assert info["run_dtype"] == "float32"
+        assert f"CPU kernels {cpu.kernel_isas[0]}" in info["run_path"] and "int8 activations" in info["run_path"]
+
+
+def test_inspect_names_the_forced_build():
+    if not CpuInfo.read().kernel_isas:
+        pytest.skip("no kernel build runs on this CPU")
+    result = heron("inspect", "--json", env={"HERON_CPU_ISA": "avx2"})
+    assert result.returncode == 0, result.stderr
+    assert "CPU kernels avx2 (avx2, forced by HERON_CPU_ISA)" in json.loads(result.stdout)["run_path"]
 
 
 def test_inspect_hf_directory(minilm_dir):

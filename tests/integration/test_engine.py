@@ -1,6 +1,10 @@
 """EngineCore correctness on the bundled SmolLM2-135M (fp32 on CPU): what batching, paging and
 scheduling do must never change what a request generates.
 
+Every test runs on each CPU path this machine has: the default (Heron's kernels, the best build for
+this CPU), the kernels off (PyTorch's float32 path), and the AVX2 build forced where the default is
+the AVX-512 one; see `engine_path`.
+
 The reference for every scheduling test is the same prompt generated alone, greedily, with prefix
 caching off, so any difference comes from the machinery under test: continuous batching of mixed
 lengths, prefix-cache hits, preemption and recompute, chunked prefill. Logprobs are checked against
@@ -18,6 +22,7 @@ import math
 import pytest
 import torch
 
+from heron import kernels
 from heron.config import CacheConfig, SchedulerConfig
 from heron.engine.core import EngineCore
 from heron.models.chat_template import ChatTemplate
@@ -74,8 +79,23 @@ PROMPT_LENGTHS = [5, 300, 7, 64, 129, 12, 250, 33, 9, 180, 16, 17, 95, 270, 6, 4
 
 def kv_bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
     arch = loaded.arch_config
-    # K and V, every layer, fp32 (4 bytes) on this CPU.
-    return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * 4
+    # K and V, every layer, in the dtype the model runs in here.
+    element = torch.empty((), dtype=loaded.dtype).element_size()
+    return 2 * arch.num_hidden_layers * block_size * arch.num_key_value_heads * arch.head_dim * element
+
+
+def engine_paths() -> list[str | None]:
+    """The kernel builds to run the engine tests on (None: kernels off), the default first."""
+    default = kernels.status().isa
+    paths = [default]
+    if default is not None:
+        paths.append(None)
+    if default == "avx512":
+        paths.append("avx2")
+    return paths
+
+
+ENGINE_PATHS = engine_paths()
 
 
 def make_core(
@@ -164,9 +184,23 @@ def assert_same_tokens(got: dict[str, list[int]], want: dict[str, list[int]]) ->
 # -- fixtures ---------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=ENGINE_PATHS, ids=lambda isa: f"kernels-{isa or 'off'}")
+def engine_path(request) -> str | None:
+    """The kernel build this module's tests run on (None: PyTorch's path)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _on_engine_path(engine_path):
+    with kernels.using(engine_path):
+        yield
+
+
 @pytest.fixture(scope="module")
-def loaded() -> LoadedModel:
-    return load_model(None, progress=False)
+def loaded(engine_path) -> LoadedModel:
+    # Loaded under the path: with the kernels off, the weights are dequantized at load time.
+    with kernels.using(engine_path):
+        return load_model(None, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +231,11 @@ def prompts(passages_ids) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def reference(loaded, prompts) -> dict[str, list[int]]:
+def reference(engine_path, loaded, prompts) -> dict[str, list[int]]:
     """Greedy tokens of each prompt generated alone, prefix caching off: the ground truth."""
-    core = make_core(loaded, num_blocks=32, prefix_caching=False)
-    return {rid: run_one(core, prompt, GREEDY).outputs[0].token_ids for rid, prompt in prompts.items()}
+    with kernels.using(engine_path):
+        core = make_core(loaded, num_blocks=32, prefix_caching=False)
+        return {rid: run_one(core, prompt, GREEDY).outputs[0].token_ids for rid, prompt in prompts.items()}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from heron import kernels
+from heron.cpu_info import CpuInfo
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need x86-64 with AVX2/FMA/F16C and a C compiler")
 
@@ -311,3 +312,84 @@ def test_rotary_rotates_q_and_k_heads_in_place_and_leaves_v():
     torch.testing.assert_close(qkv[:, : heads * d].view(6, heads, d), expected_q, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(qkv[:, heads * d : (heads + kv_heads) * d].view(6, kv_heads, d), expected_k, rtol=1e-6, atol=1e-6)
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
+
+
+# -- the kernel builds: AVX-512 VNNI and AVX2 give the same bits -------------------------------
+
+
+def avx512_build() -> dict:
+    """How to run the AVX-512 build here: natively where the CPU has it, else its code compiled
+    against SIMDe's portable intrinsics (the same source, emulated on AVX2: slow, exact)."""
+    if "avx512" in CpuInfo.read().kernel_isas:
+        return {"isa": "avx512"}
+    import simde_py
+
+    return {"isa": "avx512", "emulate_with": simde_py.get_include()}
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES + [(70, 40, 1056), (9, 17, 64)])  # tiles of 8 tokens and remainders
+def test_avx512_int8_linear_gives_the_avx2_bits(qtype, m, n, k):
+    w_packed, _ = packed(qtype, n, k, seed=3 * m + n + k, int8=True)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k))
+    with kernels.using("avx2"):
+        want = kernels.packed_linear(x, w_packed)
+    with kernels.using(**avx512_build()):
+        assert kernels.status().isa.startswith("avx512")
+        got = kernels.packed_linear(x, w_packed)
+    assert torch.equal(got, want)
+
+
+def test_avx512_int8_linear_takes_q8_0_weights_of_minus_128_and_zero():
+    n, k = 16, 64
+    blocks, _ = make_blocks("Q8_0", n, k)
+    blocks = blocks.reshape(n, k // 32, 34)
+    blocks[:, :, 2:34] = torch.tensor([-128, 127, -127, 1, 0, 0, -1, 64] * 4, dtype=torch.int8).view(torch.uint8)
+    w_packed = kernels.pack_blocks(blocks.reshape(n, -1), "Q8_0", n, k, int8=True)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(7))
+    with kernels.using("avx2"):
+        want = kernels.packed_linear(x, w_packed)
+    with kernels.using(**avx512_build()):
+        assert torch.equal(kernels.packed_linear(x, w_packed), want)
+
+
+def test_using_switches_builds_and_restores_the_default():
+    default = kernels.status()
+    with kernels.using(None):
+        assert not kernels.available() and kernels.status().isa is None
+        with kernels.using("avx2"):
+            assert kernels.available() and kernels.status().isa == "avx2"
+        assert not kernels.available()
+    assert kernels.status() == default and kernels.available()
+
+
+def test_using_refuses_a_build_this_cpu_cannot_run():
+    if "avx512" in CpuInfo.read().kernel_isas:
+        pytest.skip("this CPU runs every build")
+    with pytest.raises(RuntimeError, match="cannot run the avx512 build"):
+        with kernels.using("avx512"):
+            pass
+
+
+def test_each_build_is_cached_under_its_own_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
+    path = kernels.build("avx2")
+    assert path.parent == tmp_path and "-avx2-" in path.name and kernels.build("avx2") == path
+
+
+@pytest.mark.parametrize(
+    "env,want",
+    [({"HERON_CPU_ISA": "avx2"}, "avx2"), ({"HERON_CPU_KERNELS": "0"}, "None"), ({"HERON_CPU_ISA": "auto"}, None)],
+)
+def test_the_environment_picks_the_build_a_process_runs(env, want):
+    import os
+    import subprocess
+    import sys
+
+    best = CpuInfo.read().kernel_isas[0]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from heron import kernels; print(kernels.status().isa)"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HERON_CPU")}, **env},
+        capture_output=True, text=True, check=True,
+    )
+    assert proc.stdout.strip() == (want or best)

@@ -30,8 +30,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            y = kernels.packed_linear(x, self.packed)
-            return y if self.bias is None else y.add_(self.bias)
+            # The kernels take and give float32; a bf16/fp16 model's activations go through them cast.
+            y = kernels.packed_linear(x if x.dtype == torch.float32 else x.float(), self.packed)
+            y = y if self.bias is None else y.add_(self.bias)
+            return y if x.dtype == torch.float32 else y.to(x.dtype)
         if self.bias is not None:
             return torch.addmm(self.bias, x, self.weight)
         return x @ self.weight

@@ -39,12 +39,14 @@ class Embedding(nn.Embedding):
         self.qtype, self.qweight = tensor.qtype, tensor.blocks
         self.packed = kernels.pack_blocks(tensor.blocks, tensor.qtype, self.num_embeddings, self.embedding_dim)
         # The float table is no longer read: free it (the tied LM head reads the packed copy).
-        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.qweight is None:
             return super().forward(ids)
-        return kernels.quant_rows(self.qweight, self.qtype, self.embedding_dim, ids.reshape(-1)).reshape(*ids.shape, -1)
+        rows = kernels.quant_rows(self.qweight, self.qtype, self.embedding_dim, ids.reshape(-1))
+        # The model's other weights may be bf16/fp16: the rows join them in that dtype.
+        return rows.reshape(*ids.shape, -1).to(self.weight.dtype)
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] @ table^T from the packed table: the logits of a tied LM head, float32."""
