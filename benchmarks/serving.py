@@ -214,13 +214,13 @@ def run_offline(args: argparse.Namespace, level_prompts: dict[int, list[str]]) -
 
 
 def heron_path(args) -> str:
-    """The CPU, kernel build and dtype Heron runs the bundled model with on this machine."""
-    from heron import kernels
+    """The kernel build and dtype Heron runs the bundled model with on this machine (the report's
+    first line names the CPU)."""
     from heron.models.bundled import default_chat_model_path
     from heron.models.loader import plan_run_path, resolve_device
 
     run_path = plan_run_path(default_chat_model_path(), args.dtype or "auto", resolve_device("cpu"))
-    return f"{kernels.machine_summary()}; path: {run_path.describe()}"
+    return run_path.describe()
 
 
 def report(args, target: str, model: str | None, levels: list[LevelResult], offline: dict[int, list[float]],

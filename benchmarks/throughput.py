@@ -190,6 +190,7 @@ def main() -> None:
         have_llama_cpp = False
 
     from heron import kernels
+    from heron.bench import machine_description
     from heron.models.bundled import default_chat_model_path
     from heron.models.loader import plan_run_path, resolve_device
 
@@ -215,7 +216,7 @@ def main() -> None:
     run_path = plan_run_path(default_chat_model_path(), args.dtype, resolve_device("cpu"))
     print(f"\nSmolLM2-135M-Instruct, dtype={args.dtype}, {args.max_tokens} tokens per request, ignore_eos, "
           f"{os.cpu_count()} CPU threads, median of {args.repeats}")
-    print(kernels.machine_summary())
+    print(f"CPU: {machine_description()}")
     print(f"Heron's default path: {run_path.describe()}\n")
     print("| system | workload | tokens/s | TTFT | peak RSS |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -115,11 +115,11 @@ def inspect_model(model: str | None, dtype: str = "auto", device: str = "auto") 
     from heron.models.tokenizer import Tokenizer
 
     path = resolve_model_path(model)
-    run_path = plan_run_path(path, dtype, resolve_device(device))
+    gguf = GGUFFile(path) if path.is_file() else None
+    run_path = plan_run_path(path, dtype, resolve_device(device), gguf=gguf)
     run_dtype = run_path.dtype
     info: dict[str, Any] = {"path": str(path)}
-    if path.is_file():
-        gguf = GGUFFile(path)
+    if gguf is not None:
         config = ArchConfig.from_gguf(gguf, "output.weight" in gguf.tensor_names)
         tokenizer = Tokenizer.from_gguf(gguf.metadata)
         num_params = gguf.num_parameters

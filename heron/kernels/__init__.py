@@ -168,12 +168,6 @@ def status() -> KernelStatus:
     return _status
 
 
-def machine_summary() -> str:
-    """The CPU, for benchmark headers (beside RunPath.describe()): figures from different machines
-    or paths must never be compared by mistake."""
-    return f"CPU: {status().cpu}; {os.cpu_count()} threads"
-
-
 @contextlib.contextmanager
 def using(isa: str | None, emulate_with: str | None = None) -> Iterator[None]:
     """Run `isa`'s build (None: no kernels, PyTorch's path) until the block ends: for tests and

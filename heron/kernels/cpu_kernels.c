@@ -661,7 +661,9 @@ static inline __m256i bcast4(const int8_t *p) {
             }                                                                                              \
         }                                                                                                  \
     }
+#ifndef HERON_AVX512 /* that build has its own tiles, below */
 DOT_Q4(1, 1) DOT_Q4(1, 2) DOT_Q4(1, 3) DOT_Q4(1, 4) DOT_Q4(2, 1) DOT_Q4(2, 2) DOT_Q4(2, 3) DOT_Q4(2, 4)
+#endif
 
 /* Q8_0 weights are signed: |w| goes in the unsigned operand and w's sign moves onto x. A pair of
  * 127 x 127 products can come near 2^15, so each group is widened to 32 bits at once. */
@@ -703,7 +705,9 @@ DOT_Q4(1, 1) DOT_Q4(1, 2) DOT_Q4(1, 3) DOT_Q4(1, 4) DOT_Q4(2, 1) DOT_Q4(2, 2) DO
             }                                                                                              \
         }                                                                                                  \
     }
+#ifndef HERON_AVX512 /* that build has its own tiles, below */
 DOT_Q8(1, 1) DOT_Q8(1, 2) DOT_Q8(1, 3) DOT_Q8(1, 4) DOT_Q8(2, 1) DOT_Q8(2, 2) DOT_Q8(2, 3) DOT_Q8(2, 4)
+#endif
 
 typedef void (*dot_fn)(const uint8_t *, const float *, const float *, int64_t, const int8_t *, int64_t,
                        const float *, const float *, float *);
@@ -728,10 +732,11 @@ static inline __m512 pair_ps(const float *lo, int64_t hi_offset, int np) {
     return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
 }
 
-#define DOT512(KIND, NT)                                                                                   \
-    static void dot512_##KIND##_##NT(int np, const uint8_t *q, const float *d, const float *m, int64_t nb, \
-                                     const int8_t *xq, int64_t ldq, const float *sx, const float *xs,      \
-                                     float *acc) {                                                         \
+#define DOT512(KIND, NP, NT)                                                                               \
+    static void dot512_##KIND##_##NP##x##NT(const uint8_t *q, const float *d, const float *m, int64_t nb,  \
+                                            const int8_t *xq, int64_t ldq, const float *sx,                \
+                                            const float *xs, float *acc) {                                 \
+        const int np = NP;                                                                                 \
         const int64_t qb = KIND == DOT_Q4 ? 128 : 256;                                                     \
         const __m512i low = _mm512_set1_epi8(0xF);                                                         \
         for (int i = 0; i < NT * 16; i++)                                                                  \
@@ -773,20 +778,9 @@ static inline __m512 pair_ps(const float *lo, int64_t hi_offset, int np) {
             }                                                                                              \
         }                                                                                                  \
     }
-DOT512(DOT_Q4, 1) DOT512(DOT_Q4, 2) DOT512(DOT_Q4, 3) DOT512(DOT_Q4, 4)
-DOT512(DOT_Q4, 5) DOT512(DOT_Q4, 6) DOT512(DOT_Q4, 7) DOT512(DOT_Q4, 8)
-DOT512(DOT_Q8, 1) DOT512(DOT_Q8, 2) DOT512(DOT_Q8, 3) DOT512(DOT_Q8, 4)
-DOT512(DOT_Q8, 5) DOT512(DOT_Q8, 6) DOT512(DOT_Q8, 7) DOT512(DOT_Q8, 8)
-
-#define DOT512_WRAP(KIND, NP, NT)                                                                          \
-    static void dot512_##KIND##_##NP##x##NT(const uint8_t *q, const float *d, const float *m, int64_t nb,  \
-                                            const int8_t *xq, int64_t ldq, const float *sx,                \
-                                            const float *xs, float *acc) {                                 \
-        dot512_##KIND##_##NT(NP, q, d, m, nb, xq, ldq, sx, xs, acc);                                       \
-    }
 #define DOT512_ROW(KIND, NP)                                                                               \
-    DOT512_WRAP(KIND, NP, 1) DOT512_WRAP(KIND, NP, 2) DOT512_WRAP(KIND, NP, 3) DOT512_WRAP(KIND, NP, 4)    \
-    DOT512_WRAP(KIND, NP, 5) DOT512_WRAP(KIND, NP, 6) DOT512_WRAP(KIND, NP, 7) DOT512_WRAP(KIND, NP, 8)
+    DOT512(KIND, NP, 1) DOT512(KIND, NP, 2) DOT512(KIND, NP, 3) DOT512(KIND, NP, 4)                        \
+    DOT512(KIND, NP, 5) DOT512(KIND, NP, 6) DOT512(KIND, NP, 7) DOT512(KIND, NP, 8)
 DOT512_ROW(DOT_Q4, 1) DOT512_ROW(DOT_Q4, 2) DOT512_ROW(DOT_Q8, 1) DOT512_ROW(DOT_Q8, 2)
 
 #define DOT_NT 8 /* tokens per tile: 8 accumulators of 16 rows, a quarter of the 32 vector registers */

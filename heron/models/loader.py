@@ -125,21 +125,18 @@ def resolve_dtype(dtype: str, device: torch.device, *, quantized_kernels: bool =
     return choose_dtype(dtype, device, quantized_kernels=quantized_kernels)[0]
 
 
-def _kernels_read_any(gguf: GGUFFile) -> bool:
-    return any(
-        t.qtype.name in kernels.QTYPE_CODES and len(t.shape) == 2 and t.shape[1] % 32 == 0 for t in gguf.tensors
-    )
+def plan_run_path(path: Path, dtype: str, device: torch.device, keep_quantized: bool = True,
+                  gguf: GGUFFile | None = None) -> RunPath:
+    """Decide, without loading weights, the dtype and kernels a model at `path` runs with here.
+    `gguf`: the file already opened, if the caller has it (opening one parses all its metadata)."""
+    if path.is_file() and gguf is None:
+        gguf = GGUFFile(path)
+    return _run_path(dtype, device, bool(_kept_blocks(gguf, device, keep_quantized)))
 
 
-def plan_run_path(path: Path, dtype: str, device: torch.device, keep_quantized: bool = True) -> RunPath:
-    """Decide, without loading weights, the dtype and kernels a model at `path` runs with here."""
-    on_cpu = device.type == "cpu"
-    status = kernels.status() if on_cpu else None
-    quantized = False
-    if on_cpu and keep_quantized and path.is_file() and kernels.available():
-        quantized = _kernels_read_any(GGUFFile(path))
-    torch_dtype, reason = choose_dtype(dtype, device, quantized_kernels=quantized)
-    return RunPath(torch_dtype, reason, quantized, status)
+def _run_path(dtype: str, device: torch.device, quantized_kernels: bool) -> RunPath:
+    torch_dtype, reason = choose_dtype(dtype, device, quantized_kernels=quantized_kernels)
+    return RunPath(torch_dtype, reason, quantized_kernels, kernels.status() if device.type == "cpu" else None)
 
 
 @dataclass
@@ -210,13 +207,15 @@ def _materialise(model_class: type, config: ArchConfig, dtype: torch.dtype, devi
     return model.eval()
 
 
-def _blocks_to_keep(gguf: GGUFFile, model_class: type, dtype: torch.dtype, device: torch.device) -> set[str]:
+def _kept_blocks(gguf: GGUFFile | None, device: torch.device, keep_quantized: bool) -> set[str]:
     """GGUF tensors to keep as blocks for the CPU kernels: every weight of a module (fused Q/K/V and
     gate/up count as one) whose tensors all have a type the kernels read. On CPU, whatever the dtype of
     the rest (the layers hand the kernels float32 activations and cast the results back)."""
-    if device.type != "cpu" or not hasattr(model_class, "module_of"):
+    if gguf is None or not keep_quantized or device.type != "cpu" or not kernels.available():
         return set()
-    if not kernels.available():
+    config = ArchConfig.from_gguf(gguf, has_output_weight="output.weight" in set(gguf.tensor_names))
+    model_class = resolve_model_class(config.architecture)
+    if not hasattr(model_class, "module_of"):
         return set()
     by_module: dict[str, list] = {}
     for t in gguf.tensors:
@@ -231,8 +230,8 @@ def _blocks_to_keep(gguf: GGUFFile, model_class: type, dtype: torch.dtype, devic
     return keep
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool, keep_quantized: bool) -> LoadedModel:
-    gguf = GGUFFile(path)
+def _load_gguf(path: Path, gguf: GGUFFile, dtype: torch.dtype, device: torch.device, progress: bool,
+               keep: set[str]) -> LoadedModel:
     names = set(gguf.tensor_names)
     config = ArchConfig.from_gguf(gguf, has_output_weight="output.weight" in names)
     model_class = resolve_model_class(config.architecture)
@@ -241,7 +240,6 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: b
         freq_factors = next(t for n, t in gguf.iter_tensors(torch.float32, only={"rope_freqs.weight"}))
     model = _materialise(model_class, config, dtype, device, rope_freq_factors=freq_factors)
     permute = gguf.architecture in _PERMUTED_QK_ARCHS
-    keep = _blocks_to_keep(gguf, model_class, dtype, device) if keep_quantized else set()
     update = _progress(f"Loading {path.name}", len(names), progress)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
@@ -404,10 +402,13 @@ def load_model(
     with AVX2, whatever the dtype); False dequantizes every tensor to `dtype` at load time."""
     path = resolve_model_path(None if model is None else str(model))
     torch_device = resolve_device(device)
-    run_path = plan_run_path(path, dtype, torch_device, keep_quantized)
     if path.is_file():
-        loaded = _load_gguf(path, run_path.dtype, torch_device, progress, keep_quantized)
+        gguf = GGUFFile(path)
+        keep = _kept_blocks(gguf, torch_device, keep_quantized)
+        run_path = _run_path(dtype, torch_device, bool(keep))
+        loaded = _load_gguf(path, gguf, run_path.dtype, torch_device, progress, keep)
     else:
+        run_path = _run_path(dtype, torch_device, False)
         loaded = _load_hf_dir(path, run_path.dtype, torch_device, progress)
     loaded.run_path = run_path
     return loaded
