@@ -93,13 +93,16 @@ def choose_dtype(
     device: torch.device,
     *,
     quantized_kernels: bool = False,
+    embedding: bool = False,
     cpu: CpuInfo | None = None,
     bf16_speedup: Callable[[], float] = measure_bf16_speedup,
 ) -> tuple[torch.dtype, str]:
     """The run dtype and why. `auto` on a CPU: float32 where Heron's kernels run the quantized
-    weights (they take float32 activations), and where the CPU has no native bf16 (oneDNN emulates
-    it on AVX-512, several times slower); bf16 only with AVX512-BF16/AMX *and* a start-up matmul
-    measured at least 1.15x faster than float32's. Never fp16 on a CPU."""
+    weights (they take float32 activations), for embedding models (a bf16 vector moves by ~1e-3
+    with the inputs batched beside it, so one text's vector would depend on other clients'
+    traffic), and where the CPU has no native bf16 (oneDNN emulates it on AVX-512, several times
+    slower); bf16 only with AVX512-BF16/AMX *and* a start-up matmul measured at least 1.15x faster
+    than float32's. Never fp16 on a CPU."""
     if dtype != "auto":
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
@@ -112,6 +115,8 @@ def choose_dtype(
         return torch.float32, f"auto on {device.type}"
     if quantized_kernels:
         return torch.float32, "auto: the quantized matrices run Heron's kernels on float32 activations"
+    if embedding:
+        return torch.float32, "auto: embedding models run float32 on a CPU, so a vector does not depend on its batch"
     cpu = cpu or CpuInfo.read()
     if not cpu.native_bf16:
         return torch.float32, "auto: no native bf16 on this CPU (no avx512_bf16 / amx_bf16)"
@@ -131,11 +136,18 @@ def plan_run_path(path: Path, dtype: str, device: torch.device, keep_quantized: 
     `gguf`: the file already opened, if the caller has it (opening one parses all its metadata)."""
     if path.is_file() and gguf is None:
         gguf = GGUFFile(path)
+    if gguf is None:
+        return _run_path(dtype, device, False, _is_embedding_dir(path))
     return _run_path(dtype, device, bool(_kept_blocks(gguf, device, keep_quantized)))
 
 
-def _run_path(dtype: str, device: torch.device, quantized_kernels: bool) -> RunPath:
-    torch_dtype, reason = choose_dtype(dtype, device, quantized_kernels=quantized_kernels)
+def _is_embedding_dir(model_dir: Path) -> bool:
+    architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+    return bool(architectures) and architectures[0] in EMBEDDING_ARCHITECTURES
+
+
+def _run_path(dtype: str, device: torch.device, quantized_kernels: bool, embedding: bool = False) -> RunPath:
+    torch_dtype, reason = choose_dtype(dtype, device, quantized_kernels=quantized_kernels, embedding=embedding)
     return RunPath(torch_dtype, reason, quantized_kernels, kernels.status() if device.type == "cpu" else None)
 
 
@@ -345,7 +357,7 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, prog
     hf_config = json.loads((model_dir / "config.json").read_text())
     tokenizer = Tokenizer.from_hf_dir(model_dir)
     architectures = hf_config.get("architectures") or []
-    is_embedding = bool(architectures) and architectures[0] in EMBEDDING_ARCHITECTURES
+    is_embedding = _is_embedding_dir(model_dir)
     if is_embedding:
         # Encoders keep their HF config dict; they are small enough to build directly.
         config = None
@@ -408,7 +420,7 @@ def load_model(
         run_path = _run_path(dtype, torch_device, bool(keep))
         loaded = _load_gguf(path, gguf, run_path.dtype, torch_device, progress, keep)
     else:
-        run_path = _run_path(dtype, torch_device, False)
+        run_path = _run_path(dtype, torch_device, False, _is_embedding_dir(path))
         loaded = _load_hf_dir(path, run_path.dtype, torch_device, progress)
     loaded.run_path = run_path
     return loaded

@@ -1,8 +1,9 @@
 """Path choice from a CPU's own flags: the kernel build, and the dtype `auto` runs in.
 
 The flags are those of the machine kinds our sessions land on (an AMD EPYC with AVX2 only, an Intel
-Xeon with AVX-512 F/BW/VL/VNNI but no bf16 and no AMX) and of a CPU with AVX512-BF16 and AMX, so
-each machine checks the choice the others would make.
+Xeon with AVX-512 F/BW/VL/VNNI but no bf16 and no AMX, an AMD EPYC with AVX-512 VNNI and
+AVX512-BF16) and of a CPU with AVX512-BF16 and AMX, so each machine checks the choice the others
+would make.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from heron.models.loader import choose_dtype
 BASE = "fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx"
 AMD_EPYC_AVX2 = f"{BASE} rdtscp lm constant_tsc rep_good nopl pni pclmulqdq ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy abm sse4a misalignsse 3dnowprefetch bmi1 avx2 smep bmi2 rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 xsaves"
 INTEL_XEON_AVX512 = f"{BASE} pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand hypervisor lahf_lm abm 3dnowprefetch fsgsbase bmi1 hle avx2 smep bmi2 erms invpcid rtm avx512f avx512dq rdseed adx smap clflushopt clwb avx512cd avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves arat avx512_vnni md_clear arch_capabilities"
+AMD_EPYC_AVX512_BF16 = f"{BASE} mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid extd_apicid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand hypervisor lahf_lm cmp_legacy cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw topoext vmmcall fsgsbase tsc_adjust bmi1 avx2 smep bmi2 erms invpcid avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves avx512_bf16 clzero xsaveerptr arat avx512vbmi umip avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq rdpid fsrm"
 SAPPHIRE_RAPIDS = f"{INTEL_XEON_AVX512} avx512_bf16 avx512_fp16 amx_bf16 amx_tile amx_int8 avx_vnni"
 AVX_ONLY = f"{BASE} pni ssse3 sse4_1 sse4_2 popcnt avx"
 
@@ -66,6 +68,21 @@ def test_native_bf16_is_picked_only_when_measured_faster():
     assert fast == torch.bfloat16 and "3.20x" in reason
     slow, reason = choose_dtype("auto", torch.device("cpu"), cpu=info, bf16_speedup=lambda: 1.05)
     assert slow == torch.float32 and "1.05x" in reason
+
+
+def test_amd_epyc_with_avx512_bf16_runs_the_avx512_build_and_bf16_only_for_float_chat_models():
+    info = cpu(AMD_EPYC_AVX512_BF16)
+    assert info.kernel_isas == ("avx512", "avx2") and info.native_bf16
+    assert choose_isa(info)[0] == "avx512"
+    cpu_device = torch.device("cpu")
+    # The GGUF's quantized matrices run the kernels: float32, no probe.
+    assert choose_dtype("auto", cpu_device, quantized_kernels=True, cpu=info, bf16_speedup=never_probe)[0] == torch.float32
+    # An embedding model stays float32 even where bf16 would be faster: its vectors must not
+    # depend on what they were batched with.
+    dtype, reason = choose_dtype("auto", cpu_device, embedding=True, cpu=info, bf16_speedup=never_probe)
+    assert dtype == torch.float32 and "embedding" in reason
+    assert choose_dtype("auto", cpu_device, cpu=info, bf16_speedup=lambda: 1.6)[0] == torch.bfloat16
+    assert choose_dtype("bfloat16", cpu_device, embedding=True, cpu=info, bf16_speedup=never_probe)[0] == torch.bfloat16
 
 
 def test_cpus_without_avx2_or_not_x86_run_no_kernels():
