@@ -243,13 +243,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     app = create_app(settings, registry)
     log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
+    status = 0
     try:
-        run(app, settings.host, settings.port, settings.log_level, settings.drain_timeout)
+        status = run(app, settings.host, settings.port, settings.log_level, settings.drain_timeout)
     except KeyboardInterrupt:
         pass
     finally:
         asyncio.run(registry.shutdown())
-    return 0
+    return status
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -290,7 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="Heron: a small, fast LLM serving engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default: the bundled model)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible HTTP API (default: the bundled model)",
+        description=(
+            "Serve the OpenAI-compatible HTTP API. A failing request ends with its own error and never stops "
+            "the engine; should an engine still die, the server drains for up to 5 s and exits with status 1, "
+            "so run it under a supervisor that restarts it (systemd Restart=on-failure, Kubernetes, "
+            "docker --restart). SIGTERM drains (--drain-timeout) and exits 0."
+        ),
+    )
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 

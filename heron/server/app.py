@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import re
@@ -37,13 +38,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from heron import __version__
-from heron.server.errors import APIError, bad_request, unknown_fields_error, validation_error
+from heron.server.errors import APIError, bad_request, shorten, unknown_fields_error, validation_error
 from heron.server.metrics import (
     METRICS_CONTENT_TYPE,
     Metrics,
     MetricsMiddleware,
     RequestRecord,
     format_request_log,
+    one_line_json,
 )
 from heron.server.protocol import (
     ChatCompletionRequest,
@@ -65,6 +67,7 @@ from heron.server.serving_chat import chat_response, chat_stream, compile_chat, 
 from heron.server.serving_common import SSE_DONE, SSE_HEADERS, merge_streams, request_error_from, sse_error
 from heron.server.serving_completions import (
     compile_completion,
+    num_completion_prompts,
     completion_response,
     completion_stream,
     prepare_completion,
@@ -78,6 +81,8 @@ logger = logging.getLogger("heron.server")
 IGNORED_FIELDS_HEADER = "X-Heron-Ignored-Fields"
 REQUEST_ID_HEADER = "X-Request-Id"
 _PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Bodies larger than this are decoded and validated on a worker thread, not on the event loop.
+_INLINE_PARSE_BYTES = 64 * 1024
 _LOGGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})  # one log line each
 # Paths still answered while draining: /health (which then says 503 itself) and monitoring.
 _DURING_DRAIN = frozenset({"/health", "/metrics"})
@@ -105,6 +110,17 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# What a caller's X-Request-Id may be: it is echoed in a header and written into log lines, so no
+# spaces, quotes, separators or control characters (UUIDs, ULIDs and `req_...` ids all pass).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+@~-]{1,128}")
+
+
+def clean_request_id(given: str) -> str:
+    """The caller's request id if it is a safe one, else a new id."""
+    given = given.strip()
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 class RequestContextMiddleware:
     def __init__(self, app: Callable, max_body_bytes: int, drain: Drain):
         self.app = app
@@ -116,8 +132,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1").strip()
-        request_id = given[:128] if given else uuid.uuid4().hex
+        request_id = clean_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (REQUEST_ID_HEADER.lower().encode(), request_id.encode("latin-1"))
 
@@ -198,24 +213,27 @@ def _authorize(request: Request, keys: list[str]) -> None:
         raise APIError(401, f"Incorrect API key provided: {shown}.", code="invalid_api_key")
 
 
-async def _read_json(request: Request) -> Any:
+async def _read_body(request: Request) -> bytes:
     content_type = request.headers.get("content-type")
     if content_type is not None:
         media = content_type.split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise APIError(
                 415,
-                f"Unsupported content type '{media}': send the request body as JSON with "
+                f"Unsupported content type '{shorten(media, 64)}': send the request body as JSON with "
                 "'Content-Type: application/json'.",
                 code="unsupported_media_type",
             )
-    raw = await request.body()
+    return await request.body()
+
+
+def _decode_json(raw: bytes) -> Any:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         # ValueError: not JSON, not UTF-8, or an integer too long to read; RecursionError: nesting
         # deeper than the parser goes.
-        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else shorten(str(exc), 200)
         raise APIError(
             400,
             "We could not parse the JSON body of your request. The server expects a JSON payload, but what was "
@@ -271,26 +289,39 @@ def _validate(body: Any, model_class: type[BaseModel] | Any, strict_fields: bool
 
 
 class _Admission:
-    """Counts requests in flight; past the bound, new ones are told to come back later."""
+    """Counts the sequences in flight (prompts x n, or best_of): what the engine runs and queues.
+    Past the bound, new requests are told to come back later; one that could never fit is a 400."""
 
     def __init__(self, limit: int):
         self.limit = limit
         self.inflight = 0
 
-    @contextlib.contextmanager
-    def slot(self):
-        if self.inflight >= self.limit:
+    def acquire(self, sequences: int) -> Callable[[], None]:
+        """Take `sequences` slots or raise; returns the release (safe to call more than once)."""
+        if sequences > self.limit:
+            raise APIError(
+                400,
+                f"This request needs {sequences} sequences (prompts x n, or best_of), more than this server runs "
+                f"and queues at once ({self.limit}: --max-num-seqs plus --max-queue-len).",
+                code="too_many_sequences",
+            )
+        if self.inflight + sequences > self.limit:
             raise APIError(
                 429,
-                f"The server is at capacity ({self.inflight} requests in flight); retry shortly.",
+                f"The server is at capacity ({self.inflight} sequences in flight); retry shortly.",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
             )
-        self.inflight += 1
-        try:
-            yield
-        finally:
-            self.inflight -= 1
+        self.inflight += sequences
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.inflight -= sequences
+
+        return release
 
 
 async def _until_disconnect(request: Request, work: Awaitable[Any]) -> Any:
@@ -402,12 +433,32 @@ def _install_openapi(app: FastAPI, bodies: dict[str, tuple[Any, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def _client_key(request: Request) -> str:
-    """Whom a rate limit counts against: the API key sent, else the client's address."""
+def _bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return "key:" + token.strip()
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _client_key(request: Request, keys: list[str]) -> str:
+    """Whom a rate limit counts against: the configured API key the request was authorized with,
+    else (no keys configured) the client's address. Without keys a bearer token is anyone's
+    invention, so keying on it would give every made-up token a fresh allowance."""
+    token = _bearer_token(request) if keys else None
+    if token is not None:
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()
     return "addr:" + (request.client.host if request.client else "-")
+
+
+def _cache_salt(request: Request, settings: ServerSettings, asked: str | None) -> str | None:
+    """The prefix-cache salt of a request: with API keys configured, its key's (so one tenant's
+    cached prompt blocks never answer another's: `cached_tokens` would tell what others sent),
+    unless --share-prefix-cache-across-keys; and the request's own `cache_salt` (vLLM's field)."""
+    parts = []
+    token = _bearer_token(request) if settings.api_key and not settings.share_prefix_cache_across_keys else None
+    if token is not None:
+        parts.append("key:" + hashlib.sha256(token.encode()).hexdigest())
+    if asked:
+        parts.append("req:" + asked)
+    return "\n".join(parts) or None
 
 
 def _timed_out(seconds: float) -> APIError:
@@ -518,7 +569,12 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     def rate_limit(request: Request, tokens: int) -> None:
         if limiter.enabled:
-            limiter.admit(_client_key(request), tokens)
+            limiter.admit(_client_key(request, settings.api_key), tokens)
+
+    def rate_check(request: Request) -> None:
+        """The cheap part of the rate limit, before any tokenizing or compiling is spent on it."""
+        if limiter.enabled:
+            limiter.check_requests(_client_key(request, settings.api_key))
 
     def request_record(request: Request) -> RequestRecord:
         # MetricsMiddleware puts one in every request's state; a stand-in keeps a route working without.
@@ -535,14 +591,25 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         )
         logger.info("%s", format_request_log(fields, settings.log_format))
 
+    def decode_and_validate(raw: bytes, model_class: Any, record: RequestRecord) -> tuple[Any, list[str]]:
+        body = _decode_json(raw)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            record.model = body["model"][:256]  # for the log line, even if invalid
+        return _validate(body, model_class, settings.strict_fields)
+
     async def parse(request: Request, model_class: Any) -> tuple[Any, list[str]]:
         _authorize(request, settings.api_key)
-        body = await _read_json(request)
-        if isinstance(body, dict) and isinstance(body.get("model"), str):
-            request_record(request).model = body["model"][:256]  # for the log line, even if invalid
-        parsed, unknown = _validate(body, model_class, settings.strict_fields)
+        raw = await _read_body(request)
+        record = request_record(request)
+        if len(raw) > _INLINE_PARSE_BYTES:
+            # Decoding and validating grows with the body (100,000 prompts, a 10 MB message): off
+            # the event loop, so /health and every other request keep being answered meanwhile.
+            parsed, unknown = await asyncio.to_thread(decode_and_validate, raw, model_class, record)
+        else:
+            parsed, unknown = decode_and_validate(raw, model_class, record)
         if unknown:
-            logger.info("request id=%s ignored unknown fields: %s", request.state.request_id, ", ".join(unknown))
+            shown = one_line_json([shorten(name, 64) for name in unknown[:20]])
+            logger.info("request id=%s ignored unknown fields: %s", request.state.request_id, shown)
         return parsed, unknown
 
     def generation_model(name: str) -> ServedModel:
@@ -565,23 +632,31 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         if settings.log_prompts:
             record.prompt = [m.model_dump(exclude_none=True) for m in parsed.messages]
         model = generation_model(parsed.model)
-        prepared = prepare_chat(parsed, model, settings.seed)
-        await compile_chat(prepared)
-        rate_limit(request, len(prepared.prompt_token_ids) + prepared.params.max_tokens * prepared.params.n)
-        headers = _headers(unknown)
-        with admission.slot():
+        # Cheap refusals first: nothing is rendered, tokenized or compiled for a request refused.
+        rate_check(request)
+        release = admission.acquire(parsed.n or 1)
+        try:
+            # Rendering the template and tokenizing grow with the messages: off the event loop.
+            prepared = await asyncio.to_thread(prepare_chat, parsed, model, settings.seed)
+            rate_limit(request, len(prepared.prompt_token_ids) + prepared.params.max_tokens * prepared.params.n)
+            await _until_disconnect(request, compile_chat(prepared))
+            headers = _headers(unknown)
             record.finish_reasons, record.num_choices = prepared.finish_reasons, prepared.params.n
             outputs = metrics.track(
                 model.engine.generate(
-                    prepared.prompt_token_ids, prepared.params, prepared.response_id, grammar=prepared.grammar
+                    prepared.prompt_token_ids,
+                    prepared.params,
+                    prepared.response_id,
+                    cache_salt=_cache_salt(request, settings, parsed.cache_salt),
+                    grammar=prepared.grammar,
                 ),
                 record, model.name, len(prepared.prompt_token_ids), prepared.params.n,
             )
             if parsed.stream:
                 frames = _with_deadline(chat_stream(prepared, outputs), settings.request_timeout)
-                return _stream(
-                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission
-                )
+                response = _stream(_with_keepalive(frames, settings.sse_keepalive), headers, release)
+                release = None  # the stream holds the slots until it ends
+                return response
             try:
                 response = await _until_disconnect(
                     request, _deadline(chat_response(prepared, outputs), settings.request_timeout)
@@ -590,6 +665,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 raise request_error_from(exc) from exc
             finally:
                 await outputs.aclose()
+        finally:
+            if release is not None:
+                release()
         record.num_prompt_tokens = response.usage.prompt_tokens
         record.num_completion_tokens = response.usage.completion_tokens
         return _json(response, headers)
@@ -602,19 +680,42 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         if settings.log_prompts:
             record.prompt = parsed.prompt
         model = generation_model(parsed.model)
-        prepared = prepare_completion(parsed, model, settings.seed)
-        await compile_completion(prepared)
-        rate_limit(
-            request,
-            sum(len(p.token_ids) + prepared.params.max_tokens * prepared.params.n for p in prepared.prompts),
-        )
-        headers = _headers(unknown)
-        with admission.slot():
+        num_prompts = num_completion_prompts(parsed)
+        if num_prompts > settings.max_prompts_per_request:
+            raise bad_request(
+                f"This request has {num_prompts} prompts; this server takes at most "
+                f"{settings.max_prompts_per_request} per request (--max-prompts-per-request).",
+                param="prompt",
+                code="too_many_prompts",
+            )
+        rate_check(request)
+        release = admission.acquire(num_prompts * (parsed.best_of or parsed.n or 1))
+        try:
+            prepared = await asyncio.to_thread(prepare_completion, parsed, model, settings.seed)
+            total_prompt_tokens = sum(len(p.token_ids) for p in prepared.prompts)
+            if total_prompt_tokens > settings.max_prompt_tokens_per_request:
+                raise bad_request(
+                    f"This request's prompts have {total_prompt_tokens} tokens in all; this server takes at most "
+                    f"{settings.max_prompt_tokens_per_request} per request (--max-prompt-tokens-per-request).",
+                    param="prompt",
+                    code="too_many_prompt_tokens",
+                )
+            rate_limit(
+                request,
+                sum(len(p.token_ids) + prepared.params.max_tokens * prepared.params.n for p in prepared.prompts),
+            )
+            await _until_disconnect(request, compile_completion(prepared))
+            headers = _headers(unknown)
             record.finish_reasons, record.num_choices = prepared.finish_reasons, len(prepared.prompts) * prepared.n
+            salt = _cache_salt(request, settings, parsed.cache_salt)
             streams = [
                 metrics.track(
                     model.engine.generate(
-                        prompt.token_ids, prepared.params, f"{prepared.response_id}-{i}", grammar=prepared.grammar
+                        prompt.token_ids,
+                        prepared.params,
+                        f"{prepared.response_id}-{i}",
+                        cache_salt=salt,
+                        grammar=prepared.grammar,
                     ),
                     record, model.name, len(prompt.token_ids), prepared.params.n,
                 )
@@ -623,9 +724,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             merged = merge_streams(streams)
             if parsed.stream:
                 frames = _with_deadline(completion_stream(prepared, merged), settings.request_timeout)
-                return _stream(
-                    request, _with_keepalive(frames, settings.sse_keepalive), headers, admission
-                )
+                response = _stream(_with_keepalive(frames, settings.sse_keepalive), headers, release)
+                release = None
+                return response
             try:
                 response = await _until_disconnect(
                     request, _deadline(completion_response(prepared, merged), settings.request_timeout)
@@ -634,26 +735,20 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 raise request_error_from(exc) from exc
             finally:
                 await merged.aclose()
+        finally:
+            if release is not None:
+                release()
         record.num_prompt_tokens = response.usage.prompt_tokens
         record.num_completion_tokens = response.usage.completion_tokens
         return _json(response, headers)
 
-    def _stream(
-        request: Request,
-        frames: AsyncIterator[bytes],
-        headers: dict[str, str],
-        admission: _Admission,
-    ) -> StreamingResponse:
-        # The admission slot is held by the route only until it returns; a stream takes its own
-        # for as long as it runs.
-        admission.inflight += 1
-
+    def _stream(frames: AsyncIterator[bytes], headers: dict[str, str], release: Callable[[], None]) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for frame in frames:
                     yield frame
             finally:
-                admission.inflight -= 1
+                release()
                 await frames.aclose()
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
@@ -676,7 +771,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             )
         # The engine validates ids, lengths and dimensions (EmbeddingInputError -> 400 below).
         texts, token_ids = parsed.inputs()
-        with admission.slot():
+        rate_check(request)
+        release = admission.acquire(1)
+        try:
             try:
                 if texts is not None:
                     token_ids = await model.engine.tokenize(texts, parsed.truncate_prompt_tokens)
@@ -694,6 +791,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 raise bad_request(message, param=getattr(exc, "param", None) or "input") from exc
             except Exception as exc:
                 raise request_error_from(exc) from exc
+        finally:
+            release()
         data = []
         for index, output in enumerate(outputs):
             if parsed.encoding_format == "base64":
@@ -728,30 +827,37 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     async def tokenize(request: Request) -> JSONResponse:
         parsed, unknown = await parse(request, tokenize_request_adapter)
         model = models().get(parsed.model)
-        if isinstance(parsed, TokenizeChatRequest):
-            tools = None
-            if parsed.tools:
-                # The prompt a chat request with these tools (tool_choice "auto") would get.
-                tools = ToolPlan.auto([tool.model_dump(exclude_none=True) for tool in parsed.tools], model.tool_call_parser)
-            prompt = render_chat_prompt(
-                model,
-                parsed.messages,
-                add_generation_prompt=parsed.add_generation_prompt and not parsed.continue_final_message,
-                continue_final_message=parsed.continue_final_message,
-                chat_template_kwargs=parsed.chat_template_kwargs,
-                tools=tools,
+
+        def work() -> TokenizeResponse:
+            if isinstance(parsed, TokenizeChatRequest):
+                tools = None
+                if parsed.tools:
+                    # The prompt a chat request with these tools (tool_choice "auto") would get.
+                    tools = ToolPlan.auto(
+                        [tool.model_dump(exclude_none=True) for tool in parsed.tools], model.tool_call_parser
+                    )
+                prompt = render_chat_prompt(
+                    model,
+                    parsed.messages,
+                    add_generation_prompt=parsed.add_generation_prompt and not parsed.continue_final_message,
+                    continue_final_message=parsed.continue_final_message,
+                    chat_template_kwargs=parsed.chat_template_kwargs,
+                    tools=tools,
+                )
+            else:
+                prompt = parsed.prompt
+            tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+            # Only the prompt form has vLLM's `return_token_strs`.
+            want_strs = isinstance(parsed, TokenizeCompletionRequest) and parsed.return_token_strs
+            return TokenizeResponse(
+                count=len(tokens),
+                max_model_len=model.max_model_len,
+                tokens=tokens,
+                token_strs=model.tokenizer.convert_ids_to_tokens(tokens) if want_strs else None,
             )
-        else:
-            prompt = parsed.prompt
-        tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
-        # Only the prompt form has vLLM's `return_token_strs`.
-        want_strs = isinstance(parsed, TokenizeCompletionRequest) and parsed.return_token_strs
-        response = TokenizeResponse(
-            count=len(tokens),
-            max_model_len=model.max_model_len,
-            tokens=tokens,
-            token_strs=model.tokenizer.convert_ids_to_tokens(tokens) if want_strs else None,
-        )
+
+        # Rendering and tokenizing grow with the input: off the event loop.
+        response = await asyncio.to_thread(work)
         return JSONResponse(response.model_dump(), headers=_headers(unknown))
 
     @app.post("/detokenize", tags=["Heron"])

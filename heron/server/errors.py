@@ -30,6 +30,17 @@ _TYPE_BY_STATUS = {
 }
 
 
+# Messages and params can quote what the caller sent (a model name, a field name, a value): a
+# 10 MB model name must not come back as a 10 MB error body.
+MAX_MESSAGE_CHARS = 2000
+MAX_PARAM_CHARS = 256
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, marked when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class APIError(Exception):
     """An error answered with OpenAI's envelope and a real HTTP status."""
 
@@ -43,10 +54,11 @@ class APIError(Exception):
         type: str | None = None,
         headers: dict[str, str] | None = None,
     ):
+        message = shorten(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else shorten(param, MAX_PARAM_CHARS)
         self.code = code
         self.type = type or _TYPE_BY_STATUS.get(status, "invalid_request_error")
         self.headers = headers or {}
@@ -65,7 +77,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def model_not_found(name: str) -> APIError:
     return APIError(
         404,
-        f"The model `{name}` does not exist or you do not have access to it.",
+        f"The model `{shorten(name, 256)}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )

@@ -127,10 +127,41 @@ class RequestRecord:
         return fields
 
 
+# A value a client chose (a model name, a request id, a field name) is cut to this in a log line.
+MAX_LOGGED_VALUE_CHARS = 256
+# Characters that would end a line for some reader even inside a JSON string (str.splitlines does).
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_LOGGED_VALUE_CHARS:
+        return value[: MAX_LOGGED_VALUE_CHARS - 3] + "..."
+    if isinstance(value, list) and any(isinstance(v, str) for v in value):
+        return [_bounded(v) for v in value]
+    return value
+
+
+def _text_value(value: str) -> str:
+    # Bare when it cannot be mistaken for other fields; otherwise quoted and escaped, so that
+    # `model="a status=200"` stays one field.
+    if value and value.isprintable() and value.isascii() and not any(c in value for c in ' ="\\'):
+        return value
+    return json.dumps(value)
+
+
+def one_line_json(payload: Any, separators: tuple[str, str] = (",", ":")) -> str:
+    text = json.dumps(payload, ensure_ascii=False, separators=separators, default=str)
+    for char, escaped in _LINE_BREAKS.items():
+        text = text.replace(char, escaped)
+    return text
+
+
 def format_request_log(fields: dict[str, Any], log_format: str) -> str:
-    """One line: `{"event": "request", ...}` for json, `request key=value ...` for text."""
+    """One line: `{"event": "request", ...}` for json, `request key=value ...` for text. Every value
+    a client chose is cut to a bounded length and escaped, so no request can forge fields or lines."""
+    fields = {key: value if key == "prompt" else _bounded(value) for key, value in fields.items()}
     if log_format == "json":
-        return json.dumps({"event": "request", **fields}, ensure_ascii=False, separators=(",", ":"), default=str)
+        return one_line_json({"event": "request", **fields})
     parts = ["request"]
     for key, value in fields.items():
         if value is None:
@@ -142,9 +173,11 @@ def format_request_log(fields: dict[str, Any], log_format: str) -> str:
         elif key in ("ttft_s", "time_s"):
             key, value = key[:-2], f"{value:.3f}s"
         elif key == "prompt":
-            value = json.dumps(value, ensure_ascii=False, default=str)  # one line, quoted and escaped
+            value = one_line_json(value, (", ", ": "))  # one line, quoted and escaped
         elif isinstance(value, bool):
             value = str(value).lower()
+        elif isinstance(value, str):
+            value = _text_value(value)
         parts.append(f"{key}={value}")
     return " ".join(parts)
 

@@ -6,6 +6,11 @@ the end. When none is left, or `--drain-timeout` has passed, uvicorn is told to 
 still running then are aborted (a stream gets an error event), the engines stop, and the process
 exits 0. A second signal exits at
 once. Under a plain `uvicorn heron.server.app:app`, uvicorn's own shutdown applies instead.
+
+If an engine dies (a failure no single request explains: the engine thread survives any one
+request's error), the server does not linger answering 503: it drains for at most
+`ENGINE_DEAD_DRAIN_S` and exits with status 1, so a supervisor (systemd, Kubernetes, Docker's
+restart policy) starts a fresh process.
 """
 
 from __future__ import annotations
@@ -22,6 +27,11 @@ from fastapi import FastAPI
 
 logger = logging.getLogger("heron.server")
 
+# After an engine died: how long requests still running (embeddings on another engine, say) get.
+ENGINE_DEAD_DRAIN_S = 5.0
+# Exit status when an engine died.
+EXIT_ENGINE_DEAD = 1
+
 
 class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float):
@@ -30,10 +40,36 @@ class DrainingServer(uvicorn.Server):
         self._drain = app.state.drain
         self._drain_timeout = drain_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
+        watchdog = self._loop.create_task(self._watch_engines())
+        try:
+            await super().serve(sockets)
+        finally:
+            watchdog.cancel()
+
+    async def _watch_engines(self) -> None:
+        while not self.should_exit:
+            await asyncio.sleep(0.2)
+            registry = self._app.state.registry
+            if registry is None or self._drain.draining:
+                continue
+            dead = [m for m in registry.models if getattr(m.engine, "dead_error", None) is not None]
+            if not dead:
+                continue
+            for model in dead:
+                logger.error("the engine of %s died (%r); exiting with status %d after a drain of up to %g s "
+                             "so that a supervisor restarts the server", model.name, model.engine.dead_error,
+                             EXIT_ENGINE_DEAD, ENGINE_DEAD_DRAIN_S)
+            self.exit_code = EXIT_ENGINE_DEAD
+            self._drain.draining = True
+            deadline = time.monotonic() + min(ENGINE_DEAD_DRAIN_S, self._drain_timeout)
+            while self._drain.in_progress > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self.should_exit = True
+            return
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in uvicorn's captured signals: it would re-raise them after a clean exit,
@@ -69,7 +105,8 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float) -> None:
+def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float) -> int:
+    """Serve until shut down; returns the exit status (EXIT_ENGINE_DEAD if an engine died)."""
     config = uvicorn.Config(
         app,
         host=host,
@@ -79,4 +116,6 @@ def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float
         # The drain already waited; this only bounds closing what is left after its deadline.
         timeout_graceful_shutdown=1,
     )
-    asyncio.run(DrainingServer(config, app, drain_timeout).serve())
+    server = DrainingServer(config, app, drain_timeout)
+    asyncio.run(server.serve())
+    return server.exit_code

@@ -66,6 +66,14 @@ class PreparedCompletion:
     finish_reasons: dict[int, str] = field(default_factory=dict)
 
 
+def num_completion_prompts(request: CompletionRequest) -> int:
+    """How many prompts (so engine requests) the request makes, known before tokenizing."""
+    prompt = request.prompt
+    if isinstance(prompt, str) or isinstance(prompt[0], int):
+        return 1
+    return len(prompt)
+
+
 def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPrompt]:
     prompt = request.prompt
     tokenizer = model.tokenizer

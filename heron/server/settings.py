@@ -72,6 +72,9 @@ class ServerSettings:
     allowed_origins: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
+    max_prompts_per_request: int = 2048  # /v1/completions prompts in one request
+    max_prompt_tokens_per_request: int = 262_144  # their tokens, all prompts together
+    share_prefix_cache_across_keys: bool = False
     rate_limit_rpm: int = 0  # per API key (or client address without keys); 0 = off
     rate_limit_tpm: int = 0
     request_timeout: float = 0.0  # seconds a generation may run; 0 = no limit
@@ -154,7 +157,21 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         ("--max-queue-len",),
         "HERON_MAX_QUEUE_LEN",
         int,
-        "requests allowed to wait beyond --max-num-seqs before new ones get 429 (default 256)",
+        "sequences (prompts x n) allowed to wait beyond --max-num-seqs before new requests get 429 (default 256)",
+    ),
+    (
+        "max_prompts_per_request",
+        ("--max-prompts-per-request",),
+        "HERON_MAX_PROMPTS_PER_REQUEST",
+        int,
+        "most prompts one /v1/completions request may carry (default 2048); more gets 400",
+    ),
+    (
+        "max_prompt_tokens_per_request",
+        ("--max-prompt-tokens-per-request",),
+        "HERON_MAX_PROMPT_TOKENS_PER_REQUEST",
+        int,
+        "most prompt tokens one /v1/completions request may carry, all prompts together (default 262144)",
     ),
     (
         "rate_limit_rpm",
@@ -202,6 +219,13 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
 ]
 _FLAGS: list[tuple[str, str, str, str]] = [
     ("enable_prefix_caching", "--enable-prefix-caching", "HERON_ENABLE_PREFIX_CACHING", "reuse KV blocks of shared prompt prefixes (default on)"),
+    (
+        "share_prefix_cache_across_keys",
+        "--share-prefix-cache-across-keys",
+        "HERON_SHARE_PREFIX_CACHE_ACROSS_KEYS",
+        "let requests with different API keys reuse each other's cached prompt blocks (default off: "
+        "`cached_tokens` would tell one tenant what another sent)",
+    ),
     ("strict_fields", "--strict-fields", "HERON_STRICT_FIELDS", "reject unknown request fields with 400 instead of ignoring them"),
     ("disable_log_requests", "--disable-log-requests", "HERON_DISABLE_LOG_REQUESTS", "no log line per request"),
     ("log_prompts", "--log-prompts", "HERON_LOG_PROMPTS", "include the prompt (messages, prompt or input) in each request's log line (default off)"),

@@ -26,6 +26,7 @@ from heron.server.protocol.common import (
     CompletionUsage,
     FunctionName,
     GenerationRequest,
+    MaxTokens,
     OpenAIRequestModel,
     OpenAIResponseModel,
     TokenizeCompletionRequest,
@@ -252,8 +253,8 @@ class ChatCompletionRequest(GenerationRequest):
     messages: Annotated[list[ChatCompletionMessageParam], Field(min_length=1)]
     # Deprecated by OpenAI in favour of max_completion_tokens; if both are given the latter wins.
     # OpenAI rejects 0 here ("Expected a value >= 1").
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[ChatCompletionToolParam] | None = None

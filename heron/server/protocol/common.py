@@ -41,7 +41,11 @@ from pydantic_core import PydanticCustomError
 # Constrained scalar types (OpenAI's limits from openai-openapi.yaml unless noted)
 # ---------------------------------------------------------------------------------------------
 
-TokenId = Annotated[int, Field(ge=0)]
+# The engine holds token ids, top_k, min_tokens and max_tokens as 32-bit integers; a value
+# past that is refused here rather than overflowing a tensor in the middle of an engine step.
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -51,7 +55,7 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 NumChoices = Annotated[int, Field(ge=1, le=128)]
 # logit_bias maps token ids written as decimal strings to an integer bias in [-100, 100]. The spec
 # types the values as integers (vLLM takes floats); we follow the spec.
-LogitBiasKey = Annotated[str, Field(pattern=r"^[0-9]+$")]
+LogitBiasKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
 LogitBiasValue = Annotated[int, Field(ge=-100, le=100)]
 LogitBias = dict[LogitBiasKey, LogitBiasValue]
 
@@ -239,14 +243,17 @@ class GenerationRequest(OpenAIRequestModel):
 
     # --- vLLM extensions (same names and meaning as vLLM's OpenAI server) ---
     # -1 (or 0) means "no top-k", as in vLLM.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # vLLM's prefix-cache salt: requests share cached prompt blocks only with the same salt (and,
+    # with API keys configured, only within one key unless the server shares them).
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # Constrained decoding (vLLM): `structured_outputs`, or its older spellings `guided_*`.
     structured_outputs: StructuredOutputsParam | None = None
     guided_json: dict[str, Any] | str | None = None

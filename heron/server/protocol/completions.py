@@ -16,6 +16,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 from heron.server.protocol.common import (
     CompletionLogprobs,
     CompletionUsage,
+    INT32_MAX,
     GenerationRequest,
     OpenAIResponseModel,
     TokenId,
@@ -72,7 +73,7 @@ class CompletionRequest(GenerationRequest):
     # (vLLM allows more; we follow the spec). 0 still returns the chosen token's logprob.
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     # The spec's default is 16 and 0 is allowed: with `echo` it scores a prompt without generating.
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 16
     suffix: str | None = None
 
     def requested_max_tokens(self) -> int | None:
