@@ -11,6 +11,7 @@ micro-batching async face), by what the loaded checkpoint is.
 from __future__ import annotations
 
 import hashlib
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,13 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token's spelling covers: a text longer than max_model_len times
+        this (twice, for normalizers that merge characters) cannot fit, tokenized or not."""
+        spellings = self.tokenizer.convert_ids_to_tokens(range(self.vocab_size))
+        return max(1, max(len(s) for s in spellings))
 
 
 class ModelRegistry:

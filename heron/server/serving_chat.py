@@ -47,6 +47,7 @@ from heron.server.serving_common import (
     TokenText,
     chat_logprobs,
     check_context,
+    check_text_length,
     chunk_writer,
     random_id,
     request_error_from,
@@ -149,6 +150,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_see
         chat_template_kwargs=request.chat_template_kwargs,
         tools=tools,
     )
+    check_text_length(model, len(prompt), "messages")
     # The template writes any BOS it wants itself.
     prompt_ids = model.tokenizer.encode(prompt, add_special_tokens=False)
     max_tokens = check_context(model, len(prompt_ids), request.requested_max_tokens(), "messages")

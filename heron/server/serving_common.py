@@ -32,6 +32,21 @@ def random_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
+def check_text_length(model: ServedModel, num_chars: int, param: str) -> None:
+    """400 before tokenizing a text that cannot fit the context whatever its tokens: tokenizing a
+    10 MB message costs seconds of CPU only to be refused."""
+    limit = model.max_model_len * model.max_token_chars * 2
+    if num_chars > limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {model.max_model_len} tokens. However, your {param} "
+            f"{'are' if param.endswith('s') else 'is'} {num_chars} characters long, more than that many tokens can "
+            f"hold. Please reduce the length of the {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def check_context(model: ServedModel, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
     """The max_tokens to generate; 400 with OpenAI's numbers when the prompt cannot fit."""
     limit = model.max_model_len

@@ -31,6 +31,7 @@ from heron.server.serving_common import (
     SSE_DONE,
     TokenText,
     check_context,
+    check_text_length,
     chunk_writer,
     completion_logprob_lists,
     random_id,
@@ -83,6 +84,9 @@ def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPro
         texts = list(prompt)
     else:
         texts = None
+    if texts is not None:
+        for text in texts:
+            check_text_length(model, len(text) + len(request.suffix or ""), "prompt")
     if request.suffix is not None:
         if model.fim_tokens is None:
             raise bad_request(

@@ -1,0 +1,408 @@
+"""One request can never stop, crash or stall the server, walk around its limits or see another
+tenant's prompts: each finding of the probe behind issue 21, as a single request against a real
+`heron serve`, with a bystander request running beside it that must complete normally (the same
+greedy text as when it runs alone) and `/health` still 200 afterwards.
+
+The servers here are this module's own: `guarded` has two API keys and small per-request caps,
+`open_limited` has no keys and a per-address rate limit, and one server per test is started with
+a patched engine where a test needs the engine itself to fail.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from server_helpers import DEFAULT_MODEL, start_server, stop_server
+
+KEY_A, KEY_B = "sk-robust-a", "sk-robust-b"
+MAX_PROMPTS = 8
+MAX_PROMPT_TOKENS = 600
+MAX_SEQS, MAX_QUEUE = 2, 2
+BYSTANDER = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Name three colours."}],
+    "max_tokens": 12,
+    "temperature": 0,
+}
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    assert error["message"], error
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    srv = start_server(
+        "guarded",
+        tmp_path_factory.mktemp("heron-guarded"),
+        [
+            "--max-model-len", "1024",
+            "--max-num-seqs", str(MAX_SEQS),
+            "--max-queue-len", str(MAX_QUEUE),
+            "--max-prompts-per-request", str(MAX_PROMPTS),
+            "--max-prompt-tokens-per-request", str(MAX_PROMPT_TOKENS),
+        ],
+        env={"HERON_API_KEY": f"{KEY_A},{KEY_B}"},
+        api_key=KEY_A,
+    )
+    yield srv
+    problem = stop_server(srv)
+    assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def http(guarded) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=guarded.base_url, headers=_auth(KEY_A), timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bystander_text(http) -> str:
+    """What the bystander's greedy request answers when it runs alone."""
+    response = http.post("/v1/chat/completions", json=BYSTANDER)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["message"]["content"]
+
+
+@contextmanager
+def bystander(server, expected_text: str):
+    """A streamed greedy request running beside the block; it must finish normally with the
+    text it gets alone, and /health must answer 200 once the block is done."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            text, finish = [], None
+            with httpx.Client(base_url=server.base_url, headers=_auth(KEY_A), timeout=120) as client:
+                with client.stream("POST", "/v1/chat/completions", json={**BYSTANDER, "stream": True}) as response:
+                    result["status"] = response.status_code
+                    for line in response.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        assert "error" not in chunk, chunk
+                        for choice in chunk["choices"]:
+                            text.append(choice["delta"].get("content") or "")
+                            finish = choice.get("finish_reason") or finish
+            result["text"], result["finish"] = "".join(text), finish
+        except BaseException as exc:  # reported by the main thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=120)
+    assert not thread.is_alive(), "the bystander request never finished"
+    assert "error" not in result, result.get("error")
+    assert result["status"] == 200
+    assert result["finish"] in ("stop", "length") and result["text"] == expected_text, result
+    health = httpx.get(f"{server.base_url}/health", timeout=10)
+    assert health.status_code == 200, health.text
+
+
+@contextmanager
+def health_latencies(server) -> Iterator[list[float]]:
+    """Poll /health every 10 ms while the block runs; yields the list its latencies go into."""
+    stop, latencies, problems = threading.Event(), [], []
+
+    def poll() -> None:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    status = client.get("/health").status_code
+                except httpx.HTTPError as exc:
+                    problems.append(repr(exc))
+                    return
+                latencies.append(time.perf_counter() - start)
+                if status != 200:
+                    problems.append(f"/health answered {status}")
+                time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    while not latencies and not problems and poller.is_alive():
+        time.sleep(0.01)  # polling has started before the request under test goes out
+    try:
+        yield latencies
+    finally:
+        time.sleep(0.05)
+        stop.set()
+        poller.join()
+    assert not problems, problems
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sampling values the engine cannot hold are refused; the engine keeps serving
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, extra, param",
+    [
+        ("/v1/chat/completions", {"top_k": 2**63}, "top_k"),
+        ("/v1/completions", {"top_k": 10**30}, "top_k"),
+        ("/v1/chat/completions", {"max_tokens": 2**41}, "max_tokens"),
+        ("/v1/chat/completions", {"min_tokens": 2**40}, "min_tokens"),
+        ("/v1/chat/completions", {"stop_token_ids": [2**63]}, "stop_token_ids[0]"),
+        ("/v1/completions", {"seed": 2**64}, "seed"),
+        ("/v1/chat/completions", {"repetition_penalty": 1e309}, "repetition_penalty"),
+    ],
+)
+def test_values_the_engine_cannot_hold_are_a_400(guarded, http, bystander_text, path, extra, param):
+    body = {"model": DEFAULT_MODEL, "max_tokens": 4, "temperature": 1, **extra}
+    if path == "/v1/completions":
+        body["prompt"] = "hi"
+    else:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    with bystander(guarded, bystander_text):
+        # Raw text: 1e309 is not a float Python would write, and 2**63 must not pass as a float.
+        response = http.post(path, content=json.dumps(body).replace("Infinity", "1e309"),
+                             headers={"Content-Type": "application/json"})
+        error = _error(response, 400)
+        assert error["param"] == param, error
+
+
+def test_a_5000_digit_logit_bias_key_is_a_400(guarded, http, bystander_text):
+    body = {**BYSTANDER, "logit_bias": {"9" * 5000: 1}}
+    with bystander(guarded, bystander_text):
+        error = _error(http.post("/v1/chat/completions", json=body), 400)
+        assert error["param"].startswith("logit_bias") and len(error["message"]) < 2100
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Large inputs: bounded, refused early, never on the event loop
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_100000_prompt_batch_is_refused_naming_the_flag_and_health_stays_fast(guarded, http, bystander_text):
+    with bystander(guarded, bystander_text), health_latencies(guarded):
+        started = time.monotonic()
+        response = http.post(
+            "/v1/completions", json={"model": DEFAULT_MODEL, "prompt": ["hi there"] * 100_000, "max_tokens": 1}
+        )
+        elapsed = time.monotonic() - started
+    error = _error(response, 400, "too_many_prompts")
+    assert "--max-prompts-per-request" in error["message"] and "100000" in error["message"]
+    assert elapsed < 10, elapsed
+
+
+def test_a_10mb_message_is_refused_without_stalling_other_routes(guarded, http, bystander_text):
+    body = {**BYSTANDER, "messages": [{"role": "user", "content": "word " * 2_000_000}]}
+    with bystander(guarded, bystander_text), health_latencies(guarded):
+        started = time.monotonic()
+        response = http.post("/v1/chat/completions", json=body)
+        elapsed = time.monotonic() - started
+    error = _error(response, 400, "context_length_exceeded")
+    assert error["param"] == "messages"
+    assert elapsed < 5, elapsed
+
+
+def test_total_prompt_tokens_are_capped_naming_the_flag(guarded, http, bystander_text):
+    prompt = "The heron waits in the shallow water for a fish. " * 20  # ~220 tokens each
+    with bystander(guarded, bystander_text):
+        response = http.post("/v1/completions", json={"model": DEFAULT_MODEL, "prompt": [prompt] * 4, "max_tokens": 1})
+    error = _error(response, 400, "too_many_prompt_tokens")
+    assert "--max-prompt-tokens-per-request" in error["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Log forging and amplification
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_forged_request_id_is_replaced_and_cannot_write_log_fields(guarded, http):
+    forged = "fake status=200 model=admin client=10.0.0.1"
+    response = http.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 1}, headers={"X-Request-Id": forged})
+    assert response.status_code == 200
+    given = response.headers["x-request-id"]
+    assert given != forged and " " not in given and len(given) <= 128
+    good = "req_" + uuid.uuid4().hex
+    assert http.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 1},
+                     headers={"X-Request-Id": good}).headers["x-request-id"] == good
+    deadline = time.monotonic() + 5
+    while given not in guarded.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in guarded.log_text().splitlines() if f"id={given}" in line)
+    assert "model=admin" not in line and "10.0.0.1" not in line
+
+
+def test_a_10mb_model_name_gets_a_short_404_and_a_short_log_line(guarded, http):
+    name = "m" * 10_000_000
+    response = http.post("/v1/chat/completions", json={**BYSTANDER, "model": name})
+    _error(response, 404, "model_not_found")
+    assert len(response.content) < 4096
+    request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while request_id not in guarded.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in guarded.log_text().splitlines() if request_id in line)
+    assert len(line) < 2048
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Limits that hold
+# ---------------------------------------------------------------------------------------------
+
+
+def test_admission_counts_sequences_not_requests(guarded, http):
+    # 300 prompts can never fit in 2 running + 2 queued sequences: a 400 naming both flags.
+    response = http.post(
+        "/v1/completions", json={"model": DEFAULT_MODEL, "prompt": [[1, 2, 3]] * 3, "n": 2, "max_tokens": 1}
+    )
+    error = _error(response, 400, "too_many_sequences")
+    assert "--max-num-seqs" in error["message"] and "--max-queue-len" in error["message"]
+    # Four sequences in flight (one streamed request with n=4) fill the bound: a fifth waits its turn.
+    long_request = {**BYSTANDER, "n": 4, "max_tokens": 200, "ignore_eos": True, "temperature": 1, "stream": True}
+    with httpx.Client(base_url=guarded.base_url, headers=_auth(KEY_A), timeout=120) as other:
+        with other.stream("POST", "/v1/chat/completions", json=long_request) as stream:
+            assert stream.status_code == 200
+            next(stream.iter_lines())  # admitted and running
+            _error(http.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 1}), 429, "server_overloaded")
+    deadline = time.monotonic() + 10
+    while http.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 1}).status_code != 200:
+        assert time.monotonic() < deadline, "the slots of a closed stream were never released"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def open_limited(tmp_path_factory):
+    srv = start_server(
+        "open-limited", tmp_path_factory.mktemp("heron-open-limited"), ["--rate-limit-rpm", "2"], env={}
+    )
+    yield srv
+    problem = stop_server(srv)
+    assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
+
+
+def test_without_keys_the_rate_limit_counts_the_address_not_the_token(open_limited):
+    body = {**BYSTANDER, "max_tokens": 1}
+    statuses = []
+    with httpx.Client(base_url=open_limited.base_url, timeout=60) as client:
+        for _ in range(3):
+            made_up = {"Authorization": f"Bearer {uuid.uuid4().hex}"}
+            statuses.append(client.post("/v1/chat/completions", json=body, headers=made_up).status_code)
+        assert statuses == [200, 200, 429], statuses
+        assert client.get("/health").status_code == 200
+
+
+def test_a_rate_limited_request_is_refused_before_its_grammar_compiles(open_limited):
+    # The bucket is empty after the test above; a new schema must not be compiled for a refusal.
+    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(1500)}}
+    body = {**BYSTANDER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    with httpx.Client(base_url=open_limited.base_url, timeout=60) as client:
+        started = time.monotonic()
+        response = client.post("/v1/chat/completions", json=body)
+        elapsed = time.monotonic() - started
+    _error(response, 429, "rate_limit_exceeded")
+    assert elapsed < 0.5, elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The prefix cache does not leak prompts across tenants
+# ---------------------------------------------------------------------------------------------
+
+
+def _cached_tokens(http: httpx.Client, prompt: str, key: str, **extra) -> int:
+    # A raw completion: no chat template, so the secret is the first thing in the prompt and no
+    # shared template prefix is cached for anyone.
+    body = {"model": DEFAULT_MODEL, "prompt": prompt, "max_tokens": 1, **extra}
+    response = http.post("/v1/completions", json=body, headers=_auth(key))
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_the_prefix_cache_is_scoped_to_the_api_key(http):
+    secret = f"My account number is {uuid.uuid4().hex}. " + "Please keep it safe and tell nobody. " * 8
+    assert _cached_tokens(http, secret, KEY_A) == 0
+    assert _cached_tokens(http, secret, KEY_A) >= 48  # the same tenant reuses its own prompt
+    assert _cached_tokens(http, secret, KEY_B) == 0  # another tenant learns nothing
+
+
+def test_a_request_cache_salt_separates_requests_of_one_key(http):
+    prompt = f"Ticket {uuid.uuid4().hex}: " + "the printer on the third floor is jammed again. " * 8
+    assert _cached_tokens(http, prompt, KEY_A, cache_salt="team-1") == 0
+    assert _cached_tokens(http, prompt, KEY_A, cache_salt="team-1") >= 48
+    assert _cached_tokens(http, prompt, KEY_A, cache_salt="team-2") == 0
+    assert _cached_tokens(http, prompt, KEY_A) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. If the engine itself dies, the process exits non-zero instead of answering 503 forever
+# ---------------------------------------------------------------------------------------------
+
+_DYING_SERVER = textwrap.dedent(
+    """
+    import sys
+    from heron.engine.scheduler import Scheduler
+
+    schedule = Scheduler.schedule
+
+    def failing_schedule(self):
+        # A bug in the engine loop itself (not one request's fault): the scheduler breaks.
+        if any(r.sampling_params.max_tokens == 7 for r in self.waiting):
+            raise RuntimeError("scheduler state corrupted")
+        return schedule(self)
+
+    Scheduler.schedule = failing_schedule
+    from heron.cli import main
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_a_dead_engine_makes_the_process_exit_nonzero(tmp_path):
+    script = tmp_path / "dying_server.py"
+    script.write_text(_DYING_SERVER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "dying.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, str(script), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        response = httpx.post(f"{base}/v1/chat/completions", json={**BYSTANDER, "max_tokens": 7}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead", response.text
+        assert process.wait(timeout=15) == 1, log.read_text()
+        assert "exiting with status 1" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
