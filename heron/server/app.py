@@ -433,6 +433,17 @@ def _install_openapi(app: FastAPI, bodies: dict[str, tuple[Any, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+def _with_request_id(error: APIError, request: Request) -> APIError:
+    """A 500 names the request id, so an operator can find its traceback in the log."""
+    request_id = getattr(request.state, "request_id", None)
+    if request_id is None or request_id in error.message:
+        return error
+    return APIError(
+        error.status, f"{error.message} (request id {request_id})", param=error.param, code=error.code,
+        type=error.type, headers=error.headers,
+    )
+
+
 def _bearer_token(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
@@ -542,6 +553,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         request_record(request).error = exc.code or exc.type
+        if exc.status == 500:
+            exc = _with_request_id(exc, request)
         return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
@@ -561,8 +574,13 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if drain.draining:
+            # Shutting down: a request caught half way (its compile pool or engine just closed)
+            # is turned away like any other during the drain, not reported as our bug.
+            return _error_response(drain.refusal())
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return _error_response(APIError(500, f"Internal server error ({type(exc).__name__}).", code="internal_error"))
+        error = APIError(500, f"Internal server error ({type(exc).__name__}).", code="internal_error")
+        return _error_response(_with_request_id(error, request))
 
     def models() -> ModelRegistry:
         return app.state.registry
