@@ -157,6 +157,11 @@ class EngineCore:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[0]}")
+        # SamplingParams cannot know the vocabulary: ids past it would index outside the logits.
+        bad = [t for t in (*(params.logit_bias or ()), *params.stop_token_ids) if t >= vocab]
+        if bad:
+            field_name = "logit_bias" if bad[0] in (params.logit_bias or ()) else "stop_token_ids"
+            raise ValueError(f"{field_name} token ids must be in [0, {vocab}); got {bad[0]}")
         self.scheduler.check_prompt(len(prompt_token_ids))
         if params.structured_outputs is not None and grammar is None:
             grammar = self.grammar_compiler.compile(params.structured_outputs)
@@ -167,8 +172,7 @@ class EngineCore:
             child_params = params
             generator = None
             if params.seed is not None:
-                # Each sample gets its own stream, so n samples differ yet replay exactly.
-                generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed + index)
+                generator = torch.Generator(device=self.loaded.device).manual_seed(params.child_seed(index))
             request = Request(
                 child_id,
                 list(prompt_token_ids),

@@ -87,7 +87,8 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     idx = torch.tensor(need, device=device)
     sub = logits[idx]
     vocab = sub.shape[1]
-    top_k = torch.tensor([rows[i].params.top_k or vocab for i in need], device=device).clamp(max=vocab)
+    # Clamped before the tensor is made: validation bounds top_k, not to this model's vocabulary.
+    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in need], device=device)
     top_p = torch.tensor([rows[i].params.top_p for i in need], device=device)
     min_p = torch.tensor([rows[i].params.min_p for i in need], device=device)
     sorted_logits, order = sub.sort(dim=-1, descending=True)
