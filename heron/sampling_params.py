@@ -22,7 +22,9 @@ MAX_INT32 = 2**31 - 1
 # A seed is an int64. Sample i of a request draws from seed + i, which stays inside what
 # torch.Generator.manual_seed takes ([-2**63, 2**64 - 1]) for every seed in range and i < MAX_N.
 MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
-MAX_REPETITION_PENALTY = 100.0  # beyond it every seen token is simply banned; larger values add nothing
+# Past these a seen token is as good as banned (or forced) already; a penalty that float32 rounds
+# to 0 would divide logits by zero.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
 # The sampler works in float32: a finite Python float above this would become inf there.
 _MAX_FLOAT32 = 3.4028234663852886e38
 
@@ -146,8 +148,11 @@ class SamplingParams:
             bad(f"presence_penalty must be in [-2, 2], got {_show(self.presence_penalty)}")
         if not -2 <= self.frequency_penalty <= 2:
             bad(f"frequency_penalty must be in [-2, 2], got {_show(self.frequency_penalty)}")
-        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            bad(f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {_show(self.repetition_penalty)}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {_show(self.repetition_penalty)}"
+            )
         if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
             bad(f"seed must be a 64-bit signed integer ({MIN_SEED} to {MAX_SEED}), got {_show(self.seed)}")
         if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
