@@ -8,11 +8,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from heron.engine.errors import RequestFailedError
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
-    ABORT = "abort"  # cancelled (client gone, timeout, shutdown)
+    ABORT = "abort"  # cancelled (client gone, timeout, shutdown), or failed: RequestOutput.error says why
 
 
 @dataclass
@@ -71,6 +73,9 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None  # on the final output of an engine-finished request
+    # Set on the final output of a request the engine could not complete (its samples end ABORT,
+    # carrying what they produced); the other requests of its steps are unaffected.
+    error: RequestFailedError | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ to show a user, which the server turns into a 400.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,10 +16,35 @@ if TYPE_CHECKING:  # the engine knobs need no torch at import time
     import torch
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # samples per request: each is a sequence in the batch
+# Integers the engine turns into int32/int64 tensors or hands to torch: token ids, top_k, lengths.
+MAX_INT32 = 2**31 - 1
+# A seed is an int64. Sample i of a request draws from seed + i, which stays inside what
+# torch.Generator.manual_seed takes ([-2**63, 2**64 - 1]) for every seed in range and i < MAX_N.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1
+# Past these a seen token is as good as banned (or forced) already; a penalty that float32 rounds
+# to 0 would divide logits by zero.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
+# The sampler works in float32: a finite Python float above this would become inf there.
+_MAX_FLOAT32 = 3.4028234663852886e38
 
 # Hook for constrained decoding: given the tokens generated so far, return a bool mask over the
 # vocabulary (True = allowed) or None for "no constraint this step".
 AllowedTokensFn = Callable[[list[int]], "torch.Tensor | None"]
+
+
+def _show(value: Any) -> str:
+    """A value for an error message; a huge integer is described, not spelled out."""
+    if isinstance(value, int) and abs(value) > MAX_SEED:
+        return f"{'-' if value < 0 else ''}an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _fits_float32(value: float) -> bool:
+    try:
+        return math.isfinite(value) and abs(value) <= _MAX_FLOAT32
+    except OverflowError:  # an int too large for any float
+        return False
 
 
 @dataclass(frozen=True)
@@ -103,36 +129,55 @@ class SamplingParams:
         def bad(message: str) -> None:
             raise ValueError(message)
 
-        if self.n < 1:
-            bad(f"n must be at least 1, got {self.n}")
+        # Every float must be finite first: NaN fails every comparison, so a bound alone lets it through.
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _fits_float32(value):
+                bad(f"{name} must be a finite number, got {_show(value)}")
+        if not 1 <= self.n <= MAX_N:
+            bad(f"n must be between 1 and {MAX_N}, got {_show(self.n)}")
         if self.temperature < 0:
-            bad(f"temperature must be non-negative, got {self.temperature}")
+            bad(f"temperature must be non-negative, got {_show(self.temperature)}")
         if not 0 < self.top_p <= 1:
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            bad(f"top_k must be -1 (off) or a positive integer, got {self.top_k}")
+            bad(f"top_p must be in (0, 1], got {_show(self.top_p)}")
+        if not 0 <= self.top_k <= MAX_INT32:
+            bad(f"top_k must be -1 (off) or an integer from 1 to {MAX_INT32}, got {_show(self.top_k)}")
         if not 0 <= self.min_p <= 1:
-            bad(f"min_p must be in [0, 1], got {self.min_p}")
+            bad(f"min_p must be in [0, 1], got {_show(self.min_p)}")
         if not -2 <= self.presence_penalty <= 2:
-            bad(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+            bad(f"presence_penalty must be in [-2, 2], got {_show(self.presence_penalty)}")
         if not -2 <= self.frequency_penalty <= 2:
-            bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            bad(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.min_tokens < 0:
-            bad(f"min_tokens must be non-negative, got {self.min_tokens}")
+            bad(f"frequency_penalty must be in [-2, 2], got {_show(self.frequency_penalty)}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}], "
+                f"got {_show(self.repetition_penalty)}"
+            )
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            bad(f"seed must be a 64-bit signed integer ({MIN_SEED} to {MAX_SEED}), got {_show(self.seed)}")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT32:
+            bad(f"max_tokens must be between 1 and {MAX_INT32}, got {_show(self.max_tokens)}")
+        if not 0 <= self.min_tokens <= MAX_INT32:
+            bad(f"min_tokens must be between 0 and {MAX_INT32}, got {_show(self.min_tokens)}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
-                bad(f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}")
+                bad(f"{name} must be between 0 and {MAX_LOGPROBS}, got {_show(value)}")
         if self.logit_bias:
             for token_id, bias in self.logit_bias.items():
-                if not -100 <= bias <= 100:
-                    bad(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
+                if not isinstance(token_id, int) or not 0 <= token_id <= MAX_INT32:
+                    bad(f"logit_bias keys must be token ids (integers from 0 to {MAX_INT32}), got {_show(token_id)}")
+                if not -100 <= bias <= 100:  # also refuses NaN
+                    bad(f"logit_bias values must be in [-100, 100], got {_show(bias)} for token {token_id}")
+        for token_id in self.stop_token_ids:
+            if not isinstance(token_id, int) or not 0 <= token_id <= MAX_INT32:
+                bad(f"stop_token_ids must be token ids (integers from 0 to {MAX_INT32}), got {_show(token_id)}")
+
+    def child_seed(self, index: int) -> int | None:
+        """The seed of sample `index`: each sample has its own stream, so n samples differ yet replay."""
+        return None if self.seed is None else self.seed + index
 
     @property
     def greedy(self) -> bool:

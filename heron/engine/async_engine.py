@@ -9,9 +9,11 @@ iterator; the last one has `finished=True`.
 
 Lifecycle: `start()` starts the thread, `shutdown()` stops it (requests still in flight end with a
 final output whose finish reason is ABORT). A consumer that stops iterating (client disconnect,
-task cancelled) aborts its request, which frees its KV blocks before the next step. An exception
-inside `core.step()` fails every in-flight request with EngineDeadError and marks the engine dead:
-later `generate()` calls raise EngineDeadError at once.
+task cancelled) aborts its request, which frees its KV blocks before the next step. A request the
+core could not complete (RequestFailedError on its final output) raises that error from its own
+iterator; everything else goes on. An exception out of `core.step()` itself (the core lets only
+engine failures out: see heron.engine.core) fails every in-flight request with EngineDeadError and
+marks the engine dead: later `generate()` calls raise EngineDeadError at once.
 
 Why a thread and not a process: the core spends most of a step in torch kernels, which release the
 GIL, and a thread hands outputs over without pickling or a second copy of the tokenizer. Measured on
@@ -233,7 +235,9 @@ class AsyncEngine:
         A request with structured outputs has its grammar compiled on a worker thread first (or
         passes `grammar` from `compile_grammar`), so the engine thread never waits on a compiler.
 
-        Raises ValueError before yielding anything if the core rejects the request, and
+        Raises ValueError before yielding anything if the core rejects the request;
+        RequestFailedError (heron.engine.errors) in place of the final output if the engine could
+        not complete this request (its `status` and `code` say why; other requests carry on); and
         EngineDeadError if the engine is dead or shut down (or dies while this runs). Leaving the
         iteration early (break, cancellation, aclose) aborts the request.
         """
@@ -253,6 +257,9 @@ class AsyncEngine:
                     done = True
                     yield stream.aborted_output()
                     return
+                if item.error is not None:
+                    done = True  # the core already ended it and freed its blocks
+                    raise item.error
                 stream.record(item)
                 done = item.finished
                 yield item

@@ -5,6 +5,14 @@ strings, and emit RequestOutputs. A request with `n > 1` fans out into n child R
 the prompt's KV blocks through the prefix cache) and fans back into one RequestOutput. Outputs are
 deltas: every step reports what each sample added; the final output of a request also carries the
 full text, token ids and logprobs of every sample.
+
+Fault isolation: an exception while running, sampling, advancing the grammar of, detokenizing or
+stop-checking one request ends that request alone, with a final output whose `error` is a
+RequestFailedError (its samples end ABORT) and its KV blocks freed; the other requests of the step
+get exactly the results they would have had. A failed batch is re-run one request at a time to
+find the culprit (seeded generators are rewound first). What is not one request's fault kills the
+engine instead, by raising out of `step()`: a scheduler error, running out of memory, or a step of
+several requests each of which fails alone.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 
 from heron.config import CacheConfig, SchedulerConfig
 from heron.engine.detokenizer import Detokenizer
+from heron.engine.errors import RequestFailedError, grammar_failed
 from heron.engine.kv_cache import KVCache
 from heron.engine.request import Request
 from heron.engine.scheduler import Scheduler
@@ -24,13 +33,16 @@ from heron.models.loader import LoadedModel
 from heron.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
 from heron.structured import CompiledGrammar, GrammarCompiler
-from heron.worker.model_runner import ModelRunner
+from heron.worker.model_runner import ModelRunner, ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
 # Default KV budget when none is given: enough for a busy CPU server without crowding the weights.
 DEFAULT_KV_CACHE_BYTES_CPU = 1 << 30
 DEFAULT_KV_CACHE_FRACTION_CUDA = 0.5
+
+# Failures of the engine, never of the request that happened to be running: retrying alone won't help.
+_ENGINE_ERRORS = (MemoryError, torch.OutOfMemoryError)
 
 
 @dataclass
@@ -157,6 +169,11 @@ class EngineCore:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[0]}")
+        # SamplingParams cannot know the vocabulary: ids past it would index outside the logits.
+        bad = [t for t in (*(params.logit_bias or ()), *params.stop_token_ids) if t >= vocab]
+        if bad:
+            field_name = "logit_bias" if bad[0] in (params.logit_bias or ()) else "stop_token_ids"
+            raise ValueError(f"{field_name} token ids must be in [0, {vocab}); got {bad[0]}")
         self.scheduler.check_prompt(len(prompt_token_ids))
         if params.structured_outputs is not None and grammar is None:
             grammar = self.grammar_compiler.compile(params.structured_outputs)
@@ -167,8 +184,7 @@ class EngineCore:
             child_params = params
             generator = None
             if params.seed is not None:
-                # Each sample gets its own stream, so n samples differ yet replay exactly.
-                generator = torch.Generator(device=self.loaded.device).manual_seed(params.seed + index)
+                generator = torch.Generator(device=self.loaded.device).manual_seed(params.child_seed(index))
             request = Request(
                 child_id,
                 list(prompt_token_ids),
@@ -224,29 +240,58 @@ class EngineCore:
         # Where each request's chunk starts, before update() advances it: a request recomputed after
         # preemption gets prompt logprobs again for positions it already reported.
         chunk_starts = {s.request.request_id: s.request.num_computed_tokens for s in out.scheduled}
-        result = self.runner.execute(out)
-        updates = self.scheduler.update(out, result)
+        result, failures = self._execute(out)
+        failed: dict[str, RequestOutput] = {}
+        for request_id, error in failures.items():
+            self._fail(request_id, error, failed)
+        for s in out.scheduled:
+            request = s.request
+            if request.grammar is None or request.is_finished:
+                continue
+            token_id = result.sampled_token_ids.get(request.request_id)
+            if token_id is None:
+                continue
+            # Before update(): its stop check asks whether this token completed the grammar.
+            try:
+                accepted = request.grammar.consume_token(token_id) and not request.grammar.is_error()
+                error = None if accepted else grammar_failed(request.grammar.get_error() or f"token {token_id} was refused")
+            except Exception as exc:
+                error = grammar_failed(type(exc).__name__)
+                logger.error("request %s: grammar failed", request.request_id, exc_info=exc)
+            if error is not None:
+                self._fail(request.request_id, error, failed)
+        updates = self.scheduler.update(out, result)  # skips the requests failed above (finished)
 
         touched: dict[str, dict[int, CompletionOutput]] = {}
         for request, token_id in updates:
-            group_id, index = self._child_to_group[request.request_id]
+            located = self._child_to_group.get(request.request_id)
+            if located is None:
+                continue  # another sample of its request failed this step
+            group_id, index = located
             group = self._groups[group_id]
-            if request.request_id in result.prompt_logprobs and group.prompt_logprobs is not None and index == 0:
-                chunk = result.prompt_logprobs[request.request_id]
-                # The chunk covers positions from 0 (its None) when it starts the prompt, else from
-                # the token after its first one (the previous chunk's last row predicted that one).
-                start = chunk_starts[request.request_id]
-                first_position = 0 if start == 0 else start + 1
-                group.prompt_logprobs.extend(chunk[max(len(group.prompt_logprobs) - first_position, 0) :])
-            if token_id is None:
+            try:
+                if request.request_id in result.prompt_logprobs and group.prompt_logprobs is not None and index == 0:
+                    chunk = result.prompt_logprobs[request.request_id]
+                    # The chunk covers positions from 0 (its None) when it starts the prompt, else
+                    # from the token after its first one (the previous chunk's last row predicted it).
+                    start = chunk_starts[request.request_id]
+                    first_position = 0 if start == 0 else start + 1
+                    group.prompt_logprobs.extend(chunk[max(len(group.prompt_logprobs) - first_position, 0) :])
+                if token_id is None:
+                    continue
+                sample = group.samples[index]
+                delta = self._advance(sample, request, token_id, result.logprobs.get(request.request_id))
+            except Exception as exc:
+                logger.error("request %s failed after sampling", request.request_id, exc_info=exc)
+                self._fail(request.request_id, _internal_error(exc), failed)
                 continue
-            sample = group.samples[index]
-            delta = self._advance(sample, request, token_id, result.logprobs.get(request.request_id))
             touched.setdefault(group_id, {})[index] = delta
 
         outputs = []
         now = time.monotonic()
         for group_id, deltas in touched.items():
+            if group_id in failed:
+                continue
             group = self._groups[group_id]
             self.num_generation_tokens += len(deltas)
             if group.metrics.first_token_time is None:
@@ -284,7 +329,82 @@ class EngineCore:
                     metrics=group.metrics if finished else None,
                 )
             )
+        outputs.extend(failed.values())
         return outputs
+
+    def _execute(self, out: SchedulerOutput) -> tuple[ModelRunnerOutput, dict[str, RequestFailedError]]:
+        """Run the step; if it raises, run its requests one at a time and report those that fail alone."""
+        # Seeded rows draw from their own generators: rewinding them makes a bystander's retry draw
+        # what the failed batch drew (unseeded rows draw afresh, as they would on any other day).
+        seeded = [(s.request.generator, s.request.generator.get_state()) for s in out.scheduled if s.request.generator is not None]
+        try:
+            return self.runner.execute(out), {}
+        except _ENGINE_ERRORS:
+            raise
+        except Exception as exc:
+            batch_error = exc
+        logger.warning("a step of %d requests failed (%r); running them one at a time", len(out.scheduled), batch_error)
+        for generator, state in seeded:
+            generator.set_state(state)
+        result = ModelRunnerOutput()
+        failures: dict[str, RequestFailedError] = {}
+        for s in out.scheduled:
+            # The same block ids: rewriting the KV slots the batch wrote, with the same tokens, is harmless.
+            try:
+                alone = self.runner.execute(SchedulerOutput([s]))
+            except _ENGINE_ERRORS:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, RequestFailedError):
+                    logger.error("request %s failed alone", s.request.request_id, exc_info=exc)
+                failures[s.request.request_id] = _internal_error(exc)
+                continue
+            result.sampled_token_ids.update(alone.sampled_token_ids)
+            result.logprobs.update(alone.logprobs)
+            result.prompt_logprobs.update(alone.prompt_logprobs)
+        if len(out.scheduled) > 1 and len(failures) == len(out.scheduled):
+            # Nobody runs, even alone: the engine is broken, not a request (one alone cannot tell).
+            raise batch_error
+        return result, failures
+
+    def _fail(self, child_id: str, error: RequestFailedError, failed: dict[str, RequestOutput]) -> None:
+        """End the request that child `child_id` belongs to (all its samples), freeing its blocks, and
+        put its final output, carrying `error`, in `failed`."""
+        located = self._child_to_group.get(child_id)
+        if located is None:
+            return  # already failed by another of its samples
+        group = self._groups.pop(located[0])
+        for sample in group.samples:
+            self._child_to_group.pop(sample.request.request_id, None)
+            self._awaiting_schedule.pop(sample.request.request_id, None)
+            self.scheduler.finish_request(sample.request, FinishReason.ABORT)
+        group.metrics.finished_time = time.monotonic()
+        completions = []
+        for index, sample in enumerate(group.samples):
+            try:
+                text = sample.detokenizer.output_text
+            except Exception:  # the detokenizer may be what failed
+                text = ""
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=text,
+                    token_ids=list(sample.request.output_token_ids),
+                    logprobs=sample.logprobs,
+                    finish_reason=sample.request.finish_reason,
+                    stop_reason=sample.request.stop_reason,
+                )
+            )
+        failed[group.request_id] = RequestOutput(
+            request_id=group.request_id,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=True,
+            prompt_logprobs=group.prompt_logprobs,
+            num_cached_tokens=max(group.samples[0].request.num_cached_tokens, 0),
+            metrics=group.metrics,
+            error=error,
+        )
 
     def _advance(self, sample: _Sample, request: Request, token_id: int, logprob: TokenLogprob | None) -> CompletionOutput:
         """Detokenize one new token, apply stop strings, and describe what this sample added."""
@@ -331,3 +451,11 @@ class EngineCore:
             stop_reason=request.stop_reason,
             last_token_hidden=sample.last_token_hidden,
         )
+
+
+def _internal_error(exc: Exception) -> RequestFailedError:
+    """What a request's own failure tells its caller: a RequestFailedError as raised, else a 500 that
+    names the exception type (the traceback goes to the log, not to the client)."""
+    if isinstance(exc, RequestFailedError):
+        return exc
+    return RequestFailedError(f"the engine failed on this request ({type(exc).__name__})")

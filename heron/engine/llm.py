@@ -62,6 +62,8 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
+        """One final output per prompt, in order. A request the engine could not complete comes back
+        with `error` set (a RequestFailedError; its samples end ABORT) beside the others' results."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # one prompt given bare
         prompts = list(prompts)

@@ -4,25 +4,26 @@ SchedulerOutput (requests and how many tokens each advances) -> ForwardBatch ten
 then prefill chunks; cache slots from each request's block table) -> model -> logits for the rows
 that end a request's known tokens -> Sampler -> ModelRunnerOutput. The runner owns the KV cache
 tensors; the scheduler owns which blocks each request may use. Requests decoding under a grammar
-(structured outputs) get their token masks computed while the forward pass runs, and their grammar
-state advanced by the token they sample.
+(structured outputs) get their token masks computed while the forward pass runs; the core advances
+their grammar state by the token they sample.
+
+`execute` only reads the requests it is given (it writes nothing but KV slots and the sampled
+rows' generators), so the core can re-run a failed step's requests one at a time.
 """
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 
+from heron.engine.errors import grammar_failed
 from heron.engine.request import Request
 from heron.outputs import TokenLogprob
 from heron.structured.bitmask import GrammarBitmask
 from heron.worker.forward_batch import ForwardBatch, PrefillSpan
 from heron.worker.sampler import Sampler, SamplingRow, token_logprobs
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,10 +165,8 @@ class ModelRunner:
             if req.grammar is None or req.num_computed_tokens + s.num_tokens != req.num_tokens:
                 continue
             if req.grammar.is_error():
-                # Only a token outside the mask can get here; keep the request alive, unconstrained.
-                logger.error("request %s: grammar state failed (%s); decoding unconstrained", req.request_id, req.grammar.get_error())
-                req.grammar = None
-                continue
+                # The core fails a request whose token broke its grammar; never decode unconstrained.
+                raise grammar_failed(req.grammar.get_error())
             constrained.append(req)
         if not constrained:
             return [], None
@@ -229,8 +228,6 @@ class ModelRunner:
                 result.sampled_token_ids[req.request_id] = token_id
                 if lp is not None:
                     result.logprobs[req.request_id] = lp
-                if req.grammar is not None:
-                    req.grammar.consume_token(token_id)
         return result
 
     def _prompt_logprobs(self, req: Request, logits: torch.Tensor, rows: list[int]) -> list[TokenLogprob | None]:

@@ -4,7 +4,8 @@ Order, as OpenAI/vLLM users expect: logprobs of the raw model distribution are t
 penalties (repetition, frequency, presence), logit_bias, min_tokens (EOS and stop tokens masked),
 the allowed-token mask from structured output; then greedy argmax, or temperature, top-k, top-p,
 min-p and a draw. Seeded requests draw from their own torch.Generator, so a request's samples do not
-depend on what else is in the batch.
+depend on what else is in the batch. A row whose grammar mask allows no token raises
+RequestFailedError (grammar_failed): structured outputs fail closed, never unconstrained.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from heron.engine.errors import grammar_failed
 from heron.outputs import TokenLogprob
 from heron.sampling_params import SamplingParams
 
@@ -64,7 +66,10 @@ def _apply_masks(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         banned = []
         if len(row.output_token_ids) < p.min_tokens:
             banned = [t for t in (*(() if p.ignore_eos else row.eos_token_ids), *p.stop_token_ids) if t < vocab]
-        if row.grammar_mask is not None and row.grammar_mask.any():
+        if row.grammar_mask is not None:
+            if not row.grammar_mask.any():
+                # A grammar that allows nothing is broken; sampling past it would be unconstrained.
+                raise grammar_failed("the grammar allows no next token")
             allowed = row.grammar_mask.to(logits.device)
             if banned and not allowed.clone().index_fill_(0, torch.tensor(banned, device=allowed.device), False).any():
                 # The grammar is complete and allows only an end token: it wins over min_tokens.
@@ -87,7 +92,8 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, rows: list[SamplingRow]) -> 
     idx = torch.tensor(need, device=device)
     sub = logits[idx]
     vocab = sub.shape[1]
-    top_k = torch.tensor([rows[i].params.top_k or vocab for i in need], device=device).clamp(max=vocab)
+    # Clamped before the tensor is made: validation bounds top_k, not to this model's vocabulary.
+    top_k = torch.tensor([min(rows[i].params.top_k or vocab, vocab) for i in need], device=device)
     top_p = torch.tensor([rows[i].params.top_p for i in need], device=device)
     min_p = torch.tensor([rows[i].params.min_p for i in need], device=device)
     sorted_logits, order = sub.sort(dim=-1, descending=True)

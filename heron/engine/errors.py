@@ -1,0 +1,31 @@
+"""The errors the engine raises about one request, as opposed to the engine itself.
+
+RequestFailedError ends one request while every other request carries on: the core puts it on
+that request's final RequestOutput (`error`), and AsyncEngine.generate raises it from the
+request's iterator. `status` says whose fault it was (400: the request's own parameters, 500: the
+engine failed on it), `code` is a short machine-readable reason for the HTTP layer's error JSON.
+EngineDeadError (heron.engine.async_engine) is the other kind: the whole engine is gone.
+"""
+
+from __future__ import annotations
+
+
+class RequestFailedError(Exception):
+    """One request could not be completed; the engine and the other requests are unaffected."""
+
+    def __init__(self, message: str, *, status: int = 500, code: str = "internal_error", param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.param = param  # the request field at fault, when one is
+
+    def __repr__(self) -> str:
+        return f"RequestFailedError({self.message!r}, status={self.status}, code={self.code!r})"
+
+
+def grammar_failed(detail: str) -> RequestFailedError:
+    """A request's output constraint broke while decoding: end it rather than decode unconstrained."""
+    return RequestFailedError(
+        f"the output constraint (structured outputs) failed while decoding: {detail}", status=500, code="grammar_failed"
+    )
