@@ -11,8 +11,8 @@ stop-checking one request ends that request alone, with a final output whose `er
 RequestFailedError (its samples end ABORT) and its KV blocks freed; the other requests of the step
 get exactly the results they would have had. A failed batch is re-run one request at a time to
 find the culprit (seeded generators are rewound first). What is not one request's fault kills the
-engine instead, by raising out of `step()`: a scheduler error, running out of memory, or a step of
-several requests each of which fails alone.
+engine instead, by raising out of `step()`: a scheduler error, running out of memory, or an
+accelerator error.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES_CPU = 1 << 30
 DEFAULT_KV_CACHE_FRACTION_CUDA = 0.5
 
-# Failures of the engine, never of the request that happened to be running: retrying alone won't help.
-_ENGINE_ERRORS = (MemoryError, torch.OutOfMemoryError)
+# Failures of the engine, never of the request that happened to be running: retrying alone won't
+# help (a CUDA error leaves the context unusable for every later kernel).
+_ENGINE_ERRORS = (MemoryError, torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
 
 
 @dataclass
@@ -362,9 +363,10 @@ class EngineCore:
             result.sampled_token_ids.update(alone.sampled_token_ids)
             result.logprobs.update(alone.logprobs)
             result.prompt_logprobs.update(alone.prompt_logprobs)
-        if len(out.scheduled) > 1 and len(failures) == len(out.scheduled):
-            # Nobody runs, even alone: the engine is broken, not a request (one alone cannot tell).
-            raise batch_error
+        # Even when every request fails alone, they are failed and the engine goes on: one HTTP
+        # request can carry several engine requests, so "all of them fail" is no proof that the
+        # engine is broken, and dying would let one client stop the server. What breaks the engine
+        # itself (memory, the accelerator, the scheduler) raises out of the step instead.
         return result, failures
 
     def _fail(self, child_id: str, error: RequestFailedError, failed: dict[str, RequestOutput]) -> None:

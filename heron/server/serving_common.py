@@ -257,9 +257,14 @@ def sse_error(error: APIError) -> bytes:
 def request_error_from(exc: BaseException) -> APIError:
     """An exception raised while generating -> the APIError to send (in the body or the stream)."""
     from heron.engine.async_engine import EngineDeadError
+    from heron.engine.errors import RequestFailedError
 
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, RequestFailedError):
+        # The engine ended this request alone (the others carry on); 500s get the request id added.
+        message = exc.message[:1].upper() + exc.message[1:]
+        return APIError(exc.status, message if message.endswith(".") else message + ".", param=exc.param, code=exc.code)
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):

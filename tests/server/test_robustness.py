@@ -351,43 +351,52 @@ def test_a_request_cache_salt_separates_requests_of_one_key(http):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. If the engine itself dies, the process exits non-zero instead of answering 503 forever
+# 1. A failure inside the engine ends one request; if the engine itself dies, the process exits 1
 # ---------------------------------------------------------------------------------------------
 
-_DYING_SERVER = textwrap.dedent(
+# `heron serve` with two faults planted (no request can cause either today: validation stops them
+# first, which is the point): max_tokens 5 makes the sampler fail on that request, max_tokens 7
+# makes the scheduler itself fail, a bug of the engine loop rather than of a request.
+_PATCHED_SERVER = textwrap.dedent(
     """
     import sys
     from heron.engine.scheduler import Scheduler
+    from heron.worker.sampler import Sampler
 
-    schedule = Scheduler.schedule
+    schedule, sample = Scheduler.schedule, Sampler.__call__
 
     def failing_schedule(self):
-        # A bug in the engine loop itself (not one request's fault): the scheduler breaks.
         if any(r.sampling_params.max_tokens == 7 for r in self.waiting):
             raise RuntimeError("scheduler state corrupted")
         return schedule(self)
 
-    Scheduler.schedule = failing_schedule
+    def failing_sample(self, logits, rows):
+        if any(row.params.max_tokens == 5 for row in rows):
+            raise IndexError("planted sampler fault")
+        return sample(self, logits, rows)
+
+    Scheduler.schedule, Sampler.__call__ = failing_schedule, failing_sample
     from heron.cli import main
     sys.exit(main(sys.argv[1:]))
     """
 )
 
 
-def test_a_dead_engine_makes_the_process_exit_nonzero(tmp_path):
-    script = tmp_path / "dying_server.py"
-    script.write_text(_DYING_SERVER)
+@contextmanager
+def patched_server(tmp_path) -> Iterator[tuple[str, subprocess.Popen, object]]:
+    script = tmp_path / "patched_server.py"
+    script.write_text(_PATCHED_SERVER)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tmp_path / "dying.log"
+    log = tmp_path / "patched.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, str(script), "serve", "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
         while True:
             assert process.poll() is None, log.read_text()
@@ -398,11 +407,34 @@ def test_a_dead_engine_makes_the_process_exit_nonzero(tmp_path):
                 pass
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        response = httpx.post(f"{base}/v1/chat/completions", json={**BYSTANDER, "max_tokens": 7}, timeout=30)
-        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead", response.text
-        assert process.wait(timeout=15) == 1, log.read_text()
-        assert "exiting with status 1" in log.read_text()
+        yield base, process, log
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_request_failing_inside_the_engine_gets_a_500_and_the_engine_serves_on(tmp_path):
+    with patched_server(tmp_path) as (base, process, log):
+        server = type("S", (), {"base_url": base})()
+        with httpx.Client(base_url=base, timeout=60) as http:
+            expected = http.post("/v1/chat/completions", json=BYSTANDER).json()["choices"][0]["message"]["content"]
+            with bystander(server, expected):
+                response = http.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 5})
+            error = _error(response, 500, "internal_error")
+            assert "IndexError" in error["message"] and response.headers["x-request-id"] in error["message"]
+            with http.stream("POST", "/v1/completions",
+                             json={"model": DEFAULT_MODEL, "prompt": ["a", "b"], "max_tokens": 5, "stream": True}) as stream:
+                frames = [line for line in stream.iter_lines() if line.startswith("data: ")]
+            assert frames[-1] == "data: [DONE]" and "internal_error" in frames[-2], frames[-3:]
+            assert http.get("/health").status_code == 200
+            assert http.post("/v1/chat/completions", json=BYSTANDER).status_code == 200
+        assert process.poll() is None
+
+
+def test_a_dead_engine_makes_the_process_exit_nonzero(tmp_path):
+    with patched_server(tmp_path) as (base, process, log):
+        response = httpx.post(f"{base}/v1/chat/completions", json={**BYSTANDER, "max_tokens": 7}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead", response.text
+        assert process.wait(timeout=15) == 1, log.read_text()
+        assert "exiting with status 1" in log.read_text()
