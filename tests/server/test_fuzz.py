@@ -451,10 +451,24 @@ def fuzz_server(tmp_path_factory) -> Iterator[Server]:
     assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
 
 
+# Run before and after all the fuzzing: no example may change another request's result.
+_REFERENCE_BODY = {
+    "model": DEFAULT_MODEL,
+    "messages": [{"role": "user", "content": "Count to five."}],
+    "max_tokens": 8,
+    "temperature": 0,
+}
+
+
 @pytest.fixture(scope="module")
 def fuzz_http(fuzz_server: Server, response_checker: ResponseChecker) -> Iterator[httpx.Client]:
     with make_client(fuzz_server.base_url, response_checker, timeout=REQUEST_TIMEOUT_S) as client:
+        before = client.post(CHAT_PATH, json=_REFERENCE_BODY).json()["choices"][0]["message"]["content"]
         yield client
+        # Whatever was sent, the engine is alive and answers a greedy request as it did before.
+        assert client.get("/health").status_code == 200
+        after = client.post(CHAT_PATH, json=_REFERENCE_BODY).json()["choices"][0]["message"]["content"]
+        assert after == before
 
 
 def encode(body: dict[str, Any]) -> bytes:
