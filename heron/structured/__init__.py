@@ -12,10 +12,12 @@ from heron.structured.errors import (
     GrammarUnavailable,
 )
 from heron.structured.limits import GrammarLimits
+from heron.structured.pool import GrammarCompilePool
 
 __all__ = [
     "CompiledGrammar",
     "GrammarBusyError",
+    "GrammarCompilePool",
     "GrammarCompiler",
     "GrammarError",
     "GrammarLimitError",
