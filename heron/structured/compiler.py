@@ -7,6 +7,11 @@ thread (the server calls it through `asyncio.to_thread`): a large schema can tak
 an engine step must not wait for that. Compiled grammars are cached by their spec, so a client that
 sends the same schema on every request pays once.
 
+Compiling is bounded and fails closed: a spec must pass GrammarLimits (heron.structured.limits)
+before llguidance sees it, llguidance runs under the same limits' parser fuel, and a compile that
+would leave the output unconstrained (a grammar that matches no text, which the engine could only
+drop, or a JSON grammar that allows any token) is refused rather than served.
+
 JSON is generated compactly with one space after ':' and ',' (like `json.dumps`) instead of free
 whitespace: a small model given free whitespace can spend its whole token budget on newlines.
 """
@@ -23,12 +28,13 @@ import llguidance
 
 from heron.models.tokenizer import Tokenizer
 from heron.sampling_params import StructuredOutputsParams
+from heron.structured.errors import GrammarError, GrammarLimitError
+from heron.structured.limits import FLAGS, GrammarLimits, check_spec
 
 _JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
-
-class GrammarError(ValueError):
-    """The structured-output spec cannot be compiled; the message is fit to show a user."""
+# llguidance's messages when its parser limits stop a compile.
+_LLG_LIMIT_MESSAGES = ("too big", "too many", "fuel", "too complex", "TooComplex", "limit")
 
 
 @dataclass
@@ -43,10 +49,11 @@ class CompiledGrammar:
         return self._template.deep_copy()
 
 
-def grammar_source(spec: StructuredOutputsParams) -> str:
-    """The llguidance grammar text for a spec (not yet checked)."""
+def grammar_source(spec: StructuredOutputsParams, schema: object = None) -> str:
+    """The llguidance grammar text for a spec (not yet checked); `schema`: spec.json already parsed."""
     if spec.json is not None or spec.json_object:
-        schema = {"type": "object"} if spec.json_object else spec.json
+        if schema is None:
+            schema = {"type": "object"} if spec.json_object else spec.json
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -77,8 +84,17 @@ def grammar_source(spec: StructuredOutputsParams) -> str:
 class GrammarCompiler:
     """Compiles and caches grammars for one model's tokenizer. Thread-safe."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: Sequence[int], cache_size: int = 256):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        cache_size: int = 256,
+        limits: GrammarLimits = GrammarLimits(),
+    ):
         self._tokenizer = tokenizer
+        self.limits = limits
+        self._parser_limits = limits.parser_limits()
         # The model's logits may be wider than the tokenizer's vocabulary (padded embeddings).
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
@@ -96,33 +112,84 @@ class GrammarCompiler:
                 )
             return self._ll_tokenizer
 
-    def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
-        """Raises GrammarError for a spec the compiler refuses (bad syntax, unsupported keyword)."""
+    def check(self, spec: StructuredOutputsParams) -> object:
+        """Raise GrammarLimitError if `spec` exceeds the limits (cheap: no native code runs).
+
+        Returns the JSON schema parsed (None for other forms). Call it before `spec.cache_key()`:
+        writing the key of a schema too deep to compile would hit Python's recursion limit.
+        """
+        return check_spec(spec, self.limits)
+
+    def cached(self, spec: StructuredOutputsParams) -> CompiledGrammar | None:
+        """The compiled grammar of a spec already compiled (and checked), or None."""
         key = spec.cache_key()
         with self._lock:
             found = self._cache.get(key)
             if found is not None:
                 self._cache.move_to_end(key)
-                return found
-        grammar = grammar_source(spec)
+            return found
+
+    def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        """Raises GrammarError for a spec the compiler refuses (bad syntax, unsupported keyword,
+        over a limit, or compiling to a grammar that would not constrain the output)."""
+        schema = self.check(spec)
+        found = self.cached(spec)
+        if found is not None:
+            return found
+        grammar = grammar_source(spec, schema)
         tokenizer = self._llg_tokenizer()
-        error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
-        if error:
-            raise GrammarError(_short(error))
-        template = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        # No validate_grammar first: it builds the same grammar again (~1/3 more time for a large
+        # schema), and the matcher reports the same errors.
+        template = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=self._parser_limits)
+        if not template.is_error():
+            # The first mask builds the lexer's tables (shared by copies): pay for it here, not in a step.
+            first = template.compute_bitmask()
         if template.is_error():
-            raise GrammarError(_short(template.get_error()))
-        # The first mask builds the lexer's tables (shared by copies): pay for it here, not in a step.
-        template.compute_bitmask()
+            raise self._refusal(template.get_error())
+        self._check_constrains(spec, first)
         compiled = CompiledGrammar(spec, grammar, template)
         with self._lock:
-            self._cache[key] = compiled
+            self._cache[spec.cache_key()] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled
 
+    def _refusal(self, error: str) -> GrammarError:
+        if "NoExtensionBias" in error:
+            # The grammar accepts no text at all: a `$ref` cycle with no way out, a regex class that
+            # matches nothing. The engine could only drop such a grammar mid-request (unconstrained).
+            return GrammarError(
+                "The spec matches no text at all (for example a $ref cycle with no base case, or a "
+                "character class that matches nothing), so no output could satisfy it."
+            )
+        if "recursion limit exceeded" in error:
+            # serde_json's fixed cap on how deep a JSON text nests (128 objects and arrays).
+            return GrammarLimitError("The JSON schema's text nests more than 128 objects and arrays deep, more than the compiler reads.")
+        if "number of symbols" in error:
+            return GrammarLimitError(
+                f"The grammar is too large: it expands to more than {self.limits.max_grammar_symbols} "
+                f"symbols (the server's `heron serve {FLAGS['max_grammar_symbols']}` raises it)."
+            )
+        if any(word in error for word in _LLG_LIMIT_MESSAGES):
+            return GrammarLimitError(f"The grammar needs more work to compile than the server allows: {_short(error)}")
+        return GrammarError(_short(error))
+
+    def _check_constrains(self, spec: StructuredOutputsParams, first_mask: bytes) -> None:
+        # A JSON value or one of a few choices can start with few tokens; a first mask allowing most
+        # of the vocabulary means the grammar lost its constraint somewhere (a lenient-mode schema
+        # that dropped everything, say). A regex or grammar may really mean "any text": not checked.
+        if spec.regex is not None or spec.grammar is not None:
+            return
+        allowed = int.from_bytes(first_mask, "little").bit_count()
+        if allowed > self.vocab_size // 2:
+            raise GrammarError(
+                f"The spec compiled to a grammar that allows {allowed} of {self.vocab_size} tokens to "
+                "start the output, which does not constrain it; it is refused rather than ignored."
+            )
+
 
 def _short(message: str, limit: int = 400) -> str:
+    message = message.replace("<non-verbose/>", "")
     # llguidance's messages can run on with grammar excerpts; one bounded line is enough for a 400.
     text = " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
     text = text or "the grammar is invalid"
