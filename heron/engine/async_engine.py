@@ -37,9 +37,13 @@ from dataclasses import dataclass, field
 from heron.engine.core import EngineCore
 from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
-from heron.structured import CompiledGrammar
+from heron.structured import CompiledGrammar, GrammarCompilePool, GrammarPoolClosed
 
 logger = logging.getLogger(__name__)
+
+
+# How long shutdown waits for a running grammar compile (bounded by the caps: ~1 s at most).
+GRAMMAR_JOIN_TIMEOUT_S = 15.0
 
 
 class EngineDeadError(RuntimeError):
@@ -146,8 +150,20 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore):
+    def __init__(
+        self,
+        core: EngineCore,
+        *,
+        grammar_workers: int = 1,
+        grammar_queue: int = 16,
+        grammar_timeout: float = 10.0,
+    ):
+        """grammar_*: the structured-output compile pool (heron.structured.pool): its threads,
+        how many specs may wait for one, and how long a request waits for its compile."""
         self.core = core
+        self._grammar_pool_args = (grammar_workers, grammar_queue)
+        self.grammar_timeout = grammar_timeout
+        self._grammar_pool: GrammarCompilePool | None = None  # started on the first compile
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         # Guards the lifecycle flags together with enqueueing, so no command can slip in behind
@@ -181,9 +197,15 @@ class AsyncEngine:
                 self._closed = True
                 if thread is not None:
                     self._commands.put(_Shutdown())
+            pool = self._grammar_pool
+            if pool is not None:
+                pool.close()  # requests waiting for a compile get GrammarPoolClosed
+        loop = asyncio.get_running_loop()
         if thread is not None and thread.is_alive():
             # The thread may be mid-step: wait for it without blocking the event loop.
-            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+            await loop.run_in_executor(None, thread.join)
+        if pool is not None and not await loop.run_in_executor(None, pool.join, GRAMMAR_JOIN_TIMEOUT_S):
+            logger.warning("a grammar compile was still running %g s after shutdown", GRAMMAR_JOIN_TIMEOUT_S)
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -272,8 +294,17 @@ class AsyncEngine:
                 self._enqueue(_Abort(request_id, stream))
 
     async def compile_grammar(self, spec: StructuredOutputsParams) -> CompiledGrammar:
-        """Compile a structured-output spec on a worker thread; raises GrammarError (a ValueError)."""
-        return await asyncio.to_thread(self.core.grammar_compiler.compile, spec)
+        """Compile a structured-output spec in the engine's bounded compile pool. Raises GrammarError
+        (a ValueError: the spec is invalid, over a cap, or too slow to compile) or GrammarUnavailable
+        (the pool is full or closed). Cancelling the caller drops a compile that has not started."""
+        with self._lock:
+            if self._closed:
+                raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
+            if self._grammar_pool is None:
+                workers, waiting = self._grammar_pool_args
+                self._grammar_pool = GrammarCompilePool(self.core.grammar_compiler, workers, waiting)
+            pool = self._grammar_pool
+        return await pool.compile(spec, self.grammar_timeout)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; applied before the next step. Its iterator ends with an ABORT output."""

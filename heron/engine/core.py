@@ -32,7 +32,7 @@ from heron.engine.scheduler import Scheduler
 from heron.models.loader import LoadedModel
 from heron.outputs import CompletionOutput, FinishReason, RequestMetrics, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
-from heron.structured import CompiledGrammar, GrammarCompiler
+from heron.structured import CompiledGrammar, GrammarCompiler, GrammarLimits
 from heron.worker.model_runner import ModelRunner, ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class EngineCore:
         cache_config: CacheConfig = CacheConfig(),
         scheduler_config: SchedulerConfig = SchedulerConfig(),
         max_model_len: int | None = None,
+        grammar_limits: GrammarLimits = GrammarLimits(),
     ):
         arch = loaded.arch_config
         if arch is None:
@@ -129,7 +130,7 @@ class EngineCore:
             self.eos_token_ids,
             arch.vocab_size,
         )
-        self._grammar_compiler = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids)
+        self._grammar_compiler = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids, limits=grammar_limits)
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[str, int]] = {}
         # Child request id -> its group's timings, until the child is first scheduled (so a step

@@ -135,6 +135,7 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
     from heron.engine.async_engine import AsyncEngine
     from heron.engine.core import EngineCore
     from heron.models.chat_template import ChatTemplate
+    from heron.structured import GrammarLimits
 
     budget = settings.max_num_batched_tokens
     if budget is None:
@@ -147,6 +148,16 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         CacheConfig(kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching),
         SchedulerConfig(settings.max_num_seqs, budget),
         settings.max_model_len,
+        grammar_limits=GrammarLimits(
+            max_bytes=settings.max_grammar_bytes,
+            max_schema_depth=settings.max_schema_depth,
+            max_schema_nodes=settings.max_schema_nodes,
+            max_grammar_rules=settings.max_grammar_rules,
+            max_grammar_depth=settings.max_grammar_depth,
+            max_regex_bytes=settings.max_regex_bytes,
+            max_object_properties=settings.max_object_properties,
+            max_grammar_symbols=settings.max_grammar_symbols,
+        ),
     )
     tokenizer = loaded.tokenizer
     if settings.chat_template is not None:
@@ -157,7 +168,12 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         template = None
     parser = settings.tool_call_parser or detect_tool_parser(template.source if template is not None else None)
     get_tool_parser(parser)  # an unknown name fails at start-up, not on the first tool request
-    engine = AsyncEngine(core)
+    engine = AsyncEngine(
+        core,
+        grammar_workers=settings.grammar_compile_workers,
+        grammar_queue=settings.max_grammar_queue,
+        grammar_timeout=settings.grammar_compile_timeout,
+    )
     engine.start()
     return ServedModel(
         names=names or [_default_name(loaded.source)],

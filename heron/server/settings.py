@@ -75,6 +75,18 @@ class ServerSettings:
     max_prompts_per_request: int = 2048  # /v1/completions prompts in one request
     max_prompt_tokens_per_request: int = 262_144  # their tokens, all prompts together
     share_prefix_cache_across_keys: bool = False
+    # Structured outputs: caps on one spec (heron.structured.limits.GrammarLimits) and the compile pool.
+    max_grammar_bytes: int = 128 * 1024
+    max_schema_depth: int = 128
+    max_schema_nodes: int = 5_000
+    max_grammar_rules: int = 2_000
+    max_grammar_depth: int = 128
+    max_regex_bytes: int = 8 * 1024
+    max_object_properties: int = 450
+    max_grammar_symbols: int = 100_000
+    grammar_compile_workers: int = 1
+    max_grammar_queue: int = 16
+    grammar_compile_timeout: float = 10.0
     rate_limit_rpm: int = 0  # per API key (or client address without keys); 0 = off
     rate_limit_tpm: int = 0
     request_timeout: float = 0.0  # seconds a generation may run; 0 = no limit
@@ -208,6 +220,28 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         float,
         "send an SSE comment every N seconds while a stream waits for its first token (default 0 = off)",
     ),
+    ("max_grammar_bytes", ("--max-grammar-bytes",), "HERON_MAX_GRAMMAR_BYTES", parse_size,
+     "largest structured-output spec (schema JSON, regex, grammar or choices; default 128KiB)"),
+    ("max_schema_depth", ("--max-schema-depth",), "HERON_MAX_SCHEMA_DEPTH", int,
+     "deepest JSON schema nesting, each $ref hop counting one level (default 128)"),
+    ("max_schema_nodes", ("--max-schema-nodes",), "HERON_MAX_SCHEMA_NODES", int,
+     "most subschemas in one JSON schema (default 5000)"),
+    ("max_grammar_rules", ("--max-grammar-rules",), "HERON_MAX_GRAMMAR_RULES", int,
+     "most rules and terminals in a Lark / GBNF grammar (default 2000)"),
+    ("max_grammar_depth", ("--max-grammar-depth",), "HERON_MAX_GRAMMAR_DEPTH", int,
+     "longest rule-reference chain plus parenthesis nesting in a grammar (default 128)"),
+    ("max_regex_bytes", ("--max-regex-bytes",), "HERON_MAX_REGEX_BYTES", parse_size,
+     "longest regex (the regex form, a schema pattern, a grammar terminal; default 8KiB)"),
+    ("max_object_properties", ("--max-object-properties",), "HERON_MAX_OBJECT_PROPERTIES", int,
+     "most properties of one object in a JSON schema (default 450)"),
+    ("max_grammar_symbols", ("--max-grammar-symbols",), "HERON_MAX_GRAMMAR_SYMBOLS", int,
+     "most symbols a compiled grammar may expand to (llguidance's max_grammar_size; default 100000)"),
+    ("grammar_compile_workers", ("--grammar-compile-workers",), "HERON_GRAMMAR_COMPILE_WORKERS", int,
+     "threads compiling structured-output grammars, at low CPU priority (default 1)"),
+    ("max_grammar_queue", ("--max-grammar-queue",), "HERON_MAX_GRAMMAR_QUEUE", int,
+     "grammars allowed to wait for a compile thread before new ones get 503 (default 16)"),
+    ("grammar_compile_timeout", ("--grammar-compile-timeout",), "HERON_GRAMMAR_COMPILE_TIMEOUT", float,
+     "seconds a request waits for its grammar to compile before a 400 (default 10)"),
     ("log_level", ("--log-level",), "HERON_LOG_LEVEL", str, "debug | info | warning | error"),
     (
         "log_format",

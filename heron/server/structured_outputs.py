@@ -15,7 +15,7 @@ from heron.sampling_params import StructuredOutputsParams
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol import GenerationRequest, ResponseFormatJSONObject, ResponseFormatJSONSchema
 from heron.server.registry import ServedModel
-from heron.structured import CompiledGrammar, GrammarError
+from heron.structured import CompiledGrammar, GrammarError, GrammarPoolClosed, GrammarUnavailable
 
 
 @dataclass
@@ -83,3 +83,8 @@ async def compile_constraint(model: ServedModel, constraint: Constraint) -> Comp
         raise APIError(
             400, f"Invalid {constraint.what}: {exc}", param=constraint.param, code="invalid_grammar"
         ) from exc
+    except GrammarPoolClosed as exc:
+        raise APIError(503, str(exc), code="shutting_down") from exc
+    except GrammarUnavailable as exc:
+        # The compile threads are busy with other requests' grammars: the server's state, not the spec.
+        raise APIError(503, str(exc), code="grammar_queue_full", headers={"Retry-After": "1"}) from exc

@@ -42,6 +42,10 @@ class GrammarLimits:
     max_grammar_rules: int = 2_000  # rules and terminals in a Lark / GBNF grammar
     max_grammar_depth: int = 128  # rule-reference chain plus parenthesis nesting
     max_regex_bytes: int = 8 * 1024  # one regex: the regex form, a schema pattern, a Lark /regex/
+    # Properties of one object: optional properties may come in any subset, and llguidance's parser
+    # row grows ~4 items per property; past its 2,000 (max_items_in_row) the grammar compiles but
+    # fails at the first token. 450 stays under it; nested objects each get their own row.
+    max_object_properties: int = 450
     # llguidance's own caps (LLParserLimits): symbols the grammar expands to, and lexer work.
     max_grammar_symbols: int = 100_000
     lexer_fuel: int = 1_000_000  # initial_lexer_fuel: building the lexer (~50k/ms)
@@ -57,6 +61,7 @@ class GrammarLimits:
             step_max_items=self.step_max_items,
             max_lexer_states=self.max_lexer_states,
             max_grammar_size=self.max_grammar_symbols,
+            max_items_in_row=2_000,  # llguidance's default, which max_object_properties is sized for
             verbose_errors=False,
         )
 
@@ -68,6 +73,7 @@ FLAGS = {
     "max_grammar_rules": "--max-grammar-rules",
     "max_grammar_depth": "--max-grammar-depth",
     "max_regex_bytes": "--max-regex-bytes",
+    "max_object_properties": "--max-object-properties",
     "max_grammar_symbols": "--max-grammar-symbols",
 }
 
@@ -185,6 +191,11 @@ def _index(schema: Any, limits: GrammarLimits) -> _Index:
             if count > limits.max_schema_nodes:
                 raise limit_error("The JSON schema's number of objects", f"more than {limits.max_schema_nodes}", "max_schema_nodes", limits)
             for key, value in node.items():
+                if key == "properties" and isinstance(value, dict) and len(value) > limits.max_object_properties:
+                    raise limit_error(
+                        "The number of properties of one object in the JSON schema", len(value),
+                        "max_object_properties", limits,
+                    )
                 if key == "pattern" and isinstance(value, str):
                     _check_regex(value, limits)
                 elif key == "patternProperties" and isinstance(value, dict):

@@ -25,6 +25,7 @@ import asyncio
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 
 from heron.sampling_params import StructuredOutputsParams
@@ -171,6 +172,16 @@ class GrammarCompilePool:
             _resolve(job.future, exc=GrammarPoolClosed("The server is shutting down; the grammar was not compiled."))
         for _ in self._threads:
             self._queue.put(None)
+
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the worker threads to end after close(); True if they did.
+        A process must not exit while one is inside llguidance: a daemon thread still running
+        native code when the interpreter finalizes crashes it (SIGSEGV instead of exit 0)."""
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
 
 
 def _resolve(future: Future, result: CompiledGrammar | None = None, exc: BaseException | None = None) -> None:

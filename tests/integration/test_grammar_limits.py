@@ -59,9 +59,17 @@ def nested_items(depth: int) -> dict:
     return schema
 
 
-def wide(num_properties: int, tag: str) -> StructuredOutputsParams:
-    """An object schema slow enough to compile (0.2-0.7 s) that tests can race it."""
-    return StructuredOutputsParams(json={"type": "object", "properties": {f"{tag}{i}": {"type": "string"} for i in range(num_properties)}})
+def wide(num_properties: int, tag: str, per_object: int = 400) -> StructuredOutputsParams:
+    """An object schema slow enough to compile (3,500 properties: ~0.35 s) that tests can race it:
+    its properties in nested objects of `per_object`, under the cap on one object's properties."""
+    groups = {
+        f"{tag}g{start}": {
+            "type": "object",
+            "properties": {f"{tag}{i}": {"type": "string"} for i in range(start, min(num_properties, start + per_object))},
+        }
+        for start in range(0, num_properties, per_object)
+    }
+    return StructuredOutputsParams(json={"type": "object", "properties": groups})
 
 
 def lark_chain(length: int) -> str:
@@ -93,7 +101,21 @@ CAPS = [
         StructuredOutputsParams(json={"type": "string", "pattern": "b" * 33}),
     ),
     ("max_regex_bytes", 32, "--max-regex-bytes", StructuredOutputsParams(grammar=f"start: /{'c' * 32}/"), StructuredOutputsParams(grammar=f"start: /{'c' * 33}/")),
+    (
+        "max_object_properties",
+        20,
+        "--max-object-properties",
+        StructuredOutputsParams(json={"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20)}}),
+        StructuredOutputsParams(json={"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(21)}}),
+    ),
     ("max_schema_depth", 12, "--max-schema-depth", StructuredOutputsParams(json=ref_chain(12)), StructuredOutputsParams(json=ref_chain(13))),
+    (
+        "max_object_properties",
+        20,
+        "--max-object-properties",
+        StructuredOutputsParams(json={"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20)}}),
+        StructuredOutputsParams(json={"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(21)}}),
+    ),
     ("max_schema_depth", 12, "--max-schema-depth", StructuredOutputsParams(json=nested_items(12)), StructuredOutputsParams(json=json.dumps(nested_items(13)))),
     ("max_schema_nodes", 30, "--max-schema-nodes", StructuredOutputsParams(json=properties(30)), StructuredOutputsParams(json=properties(31))),
     ("max_grammar_rules", 10, "--max-grammar-rules", StructuredOutputsParams(grammar=lark_rules(10)), StructuredOutputsParams(grammar=lark_rules(11))),
@@ -248,7 +270,7 @@ async def wait_cached(compiler: GrammarCompiler, spec: StructuredOutputsParams, 
 def test_timeout_answers_quickly_and_the_compile_still_lands_in_the_cache(compiler):
     async def scenario():
         pool = GrammarCompilePool(compiler)
-        spec = wide(2500, "timeout")
+        spec = wide(3500, "timeout")
         start = time.monotonic()
         with pytest.raises(GrammarTimeoutError, match="--grammar-compile-timeout"):
             await pool.compile(spec, timeout=0.05)
@@ -266,7 +288,7 @@ def test_timeout_answers_quickly_and_the_compile_still_lands_in_the_cache(compil
 def test_a_queued_compile_is_dropped_when_its_waiter_is_cancelled(compiler):
     async def scenario():
         pool = GrammarCompilePool(compiler)
-        running = asyncio.create_task(pool.compile(wide(2000, "busy"), timeout=30))
+        running = asyncio.create_task(pool.compile(wide(3500, "busy"), timeout=30))
         await asyncio.sleep(0.05)  # the worker has taken it
         queued_spec = wide(30, "dropped")
         queued = asyncio.create_task(pool.compile(queued_spec, timeout=30))
@@ -304,7 +326,7 @@ def test_identical_specs_share_one_compile(loaded):
 def test_a_full_queue_refuses_and_close_fails_the_waiters(compiler):
     async def scenario():
         pool = GrammarCompilePool(compiler, max_waiting=1)
-        running = asyncio.create_task(pool.compile(wide(2000, "full"), timeout=30))
+        running = asyncio.create_task(pool.compile(wide(3500, "full"), timeout=30))
         await asyncio.sleep(0.05)
         queued = asyncio.create_task(pool.compile(wide(20, "queued"), timeout=30))
         await asyncio.sleep(0.01)
@@ -323,7 +345,7 @@ def test_a_full_queue_refuses_and_close_fails_the_waiters(compiler):
 def test_a_spec_that_waits_out_its_timeout_in_the_queue_is_busy_not_invalid(compiler):
     async def scenario():
         pool = GrammarCompilePool(compiler)
-        running = asyncio.create_task(pool.compile(wide(2000, "ahead"), timeout=30))
+        running = asyncio.create_task(pool.compile(wide(3500, "ahead"), timeout=30))
         await asyncio.sleep(0.05)
         with pytest.raises(GrammarBusyError, match="waited"):
             await pool.compile(wide(23, "behind"), timeout=0.05)

@@ -310,10 +310,11 @@ def test_without_keys_the_rate_limit_counts_the_address_not_the_token(open_limit
 
 
 def test_a_rate_limited_request_is_refused_before_its_grammar_compiles(open_limited):
-    # The bucket is empty after the test above; a new schema must not be compiled for a refusal.
-    schema = {"type": "object", "properties": {f"field_{i}": {"type": "string"} for i in range(1500)}}
-    body = {**BYSTANDER, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    body = _schema_body(_wide_schema(3500))
     with httpx.Client(base_url=open_limited.base_url, timeout=60) as client:
+        for _ in range(3):  # empty this address's bucket (the test above may have done it already)
+            if client.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 1}).status_code == 429:
+                break
         started = time.monotonic()
         response = client.post("/v1/chat/completions", json=body)
         elapsed = time.monotonic() - started
@@ -438,3 +439,187 @@ def test_a_dead_engine_makes_the_process_exit_nonzero(tmp_path):
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead", response.text
         assert process.wait(timeout=15) == 1, log.read_text()
         assert "exiting with status 1" in log.read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 4, 5. Grammars: bounded, compiled in a pool of their own, failing closed
+# ---------------------------------------------------------------------------------------------
+
+
+def _schema_body(schema: dict, **extra) -> dict:
+    return {
+        **BYSTANDER,
+        "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        **extra,
+    }
+
+
+def _ref_chain(depth: int) -> dict:
+    defs = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(depth - 1)}
+    defs[f"d{depth - 1}"] = {"type": "integer"}
+    return {"$defs": defs, "$ref": "#/$defs/d0"}
+
+
+def _wide_schema(count: int) -> dict:
+    """A schema that takes a while to compile (3,500 properties: ~0.35 s), in nested objects of
+    400 properties (one object may have 450). A fresh name per call: grammars are cached by spec."""
+    tag = uuid.uuid4().hex[:8]
+    groups = {
+        f"g_{tag}_{start}": {
+            "type": "object",
+            "properties": {f"p{i}": {"type": "string"} for i in range(start, min(count, start + 400))},
+        }
+        for start in range(0, count, 400)
+    }
+    return {"type": "object", "properties": groups}
+
+
+@pytest.mark.parametrize(
+    "body, flag",
+    [
+        (_schema_body(_ref_chain(1000)), "--max-schema-depth"),
+        ({**BYSTANDER, "structured_outputs": {"grammar": "root ::= r0\n" + "".join(
+            f'r{i} ::= "a" r{i + 1}\n' for i in range(5999)) + 'r5999 ::= "b"\n'}}, "--max-grammar"),
+        ({**BYSTANDER, "structured_outputs": {"grammar": "start: r0\n" + "".join(
+            f'r{i}: "a" r{i + 1}\n' for i in range(19999)) + 'r19999: "b"\n'}}, "--max-grammar"),
+    ],
+    ids=["1000-ref-chain", "6000-rule-gbnf", "20000-rule-lark"],
+)
+def test_specs_that_crashed_the_compiler_are_a_400_naming_the_flag(guarded, http, bystander_text, body, flag):
+    with bystander(guarded, bystander_text):
+        error = _error(http.post("/v1/chat/completions", json=body), 400, "invalid_grammar")
+    assert flag in error["message"], error
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "loop", "strict": True, "schema": {
+            "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "self", "schema": {"$ref": "#"}}}},
+        {"structured_outputs": {"regex": "[^\\x00-\\x{10FFFF}]"}},
+        {"structured_outputs": {"regex": "[]"}},
+    ],
+    ids=["ref-cycle", "self-ref", "class-matching-nothing", "empty-class"],
+)
+def test_constraints_that_match_nothing_fail_closed_with_a_400(guarded, http, bystander_text, constraint):
+    with bystander(guarded, bystander_text):
+        response = http.post("/v1/chat/completions", json={**BYSTANDER, **constraint})
+    _error(response, 400, "invalid_grammar")
+
+
+@pytest.fixture(scope="module")
+def compiling(tmp_path_factory):
+    srv = start_server(
+        "compiling", tmp_path_factory.mktemp("heron-compiling"),
+        ["--grammar-compile-timeout", "30", "--drain-timeout", "1"], env={},
+    )
+    yield srv
+    if srv.process.poll() is None:
+        problem = stop_server(srv)
+        assert problem is None, f"{problem}\n--- log tail ---\n{srv.log_tail()}"
+
+
+def _embedding_latency(client: httpx.Client) -> float:
+    started = time.perf_counter()
+    response = client.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": "a heron by the river"})
+    assert response.status_code == 200, response.text
+    return time.perf_counter() - started
+
+
+def _generation_time(client: httpx.Client) -> float:
+    started = time.perf_counter()
+    response = client.post("/v1/chat/completions", json={**BYSTANDER, "max_tokens": 16, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    return time.perf_counter() - started
+
+
+def test_eight_large_compiles_do_not_slow_other_requests_by_more_than_20_percent(compiling):
+    with httpx.Client(base_url=compiling.base_url, timeout=120) as client:
+        _generation_time(client), _embedding_latency(client)  # warm
+        base_gen = sorted(_generation_time(client) for _ in range(3))[1]
+        base_emb = sorted(_embedding_latency(client) for _ in range(5))[2]
+        results: list[int] = []
+
+        def compile_one() -> None:
+            with httpx.Client(base_url=compiling.base_url, timeout=120) as own:
+                results.append(own.post("/v1/chat/completions", json=_schema_body(_wide_schema(3500))).status_code)
+
+        compilers = [threading.Thread(target=compile_one) for _ in range(8)]
+        for thread in compilers:
+            thread.start()
+        time.sleep(0.5)  # the compiles are under way
+        busy_gen = sorted(_generation_time(client) for _ in range(3))[1]
+        busy_emb = sorted(_embedding_latency(client) for _ in range(5))[2]
+        still_compiling = any(thread.is_alive() for thread in compilers)
+        for thread in compilers:
+            thread.join(timeout=120)
+    assert still_compiling, "the compiles ended before the measurement: it measured nothing"
+    assert results == [200] * 8, results
+    assert busy_gen <= 1.2 * base_gen, (busy_gen, base_gen)
+    assert busy_emb <= max(1.2 * base_emb, base_emb + 0.02), (busy_emb, base_emb)
+
+
+def _cpu_seconds(pid: int) -> float:
+    import os
+
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_compiles_whose_clients_left_stop_burning_cpu(compiling):
+    # Six large grammars whose clients give up after 0.3 s: the one compiling may finish (it is
+    # bounded by the caps), the five waiting for the compile thread must be dropped.
+    def leave_early() -> None:
+        with httpx.Client(base_url=compiling.base_url, timeout=0.3) as own:
+            with pytest.raises(httpx.TimeoutException):
+                own.post("/v1/chat/completions", json=_schema_body(_wide_schema(3500)))
+
+    clients = [threading.Thread(target=leave_early) for _ in range(6)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    time.sleep(2.5)  # what was compiling when they left is done by now
+    before = _cpu_seconds(compiling.process.pid)
+    time.sleep(2.0)
+    burned = _cpu_seconds(compiling.process.pid) - before
+    assert burned < 0.5, f"{burned:.2f} CPU-seconds in 2 s after every client had left"
+    assert httpx.get(f"{compiling.base_url}/health").status_code == 200
+
+
+def test_a_compile_over_its_time_limit_is_a_400_naming_the_flag(tmp_path):
+    srv = start_server("slow-compile", tmp_path, ["--grammar-compile-timeout", "0.05"], env={})
+    try:
+        response = httpx.post(f"{srv.base_url}/v1/chat/completions", json=_schema_body(_wide_schema(3500)), timeout=60)
+        error = _error(response, 400, "invalid_grammar")
+        assert "--grammar-compile-timeout" in error["message"]
+        assert httpx.get(f"{srv.base_url}/health").status_code == 200
+    finally:
+        assert stop_server(srv) is None
+
+
+def test_sigterm_during_compiles_answers_503_never_500(compiling):
+    import os
+    import signal
+
+    statuses: list[int] = []
+
+    def compile_one() -> None:
+        try:
+            with httpx.Client(base_url=compiling.base_url, timeout=60) as own:
+                statuses.append(own.post("/v1/chat/completions", json=_schema_body(_wide_schema(3500))).status_code)
+        except httpx.TransportError:
+            statuses.append(-1)  # the connection closed as the server exited
+
+    clients = [threading.Thread(target=compile_one) for _ in range(6)]
+    for thread in clients:
+        thread.start()
+    time.sleep(0.5)
+    os.killpg(compiling.process.pid, signal.SIGTERM)
+    for thread in clients:
+        thread.join(timeout=60)
+    assert compiling.process.wait(timeout=30) == 0
+    assert 500 not in statuses and 503 in statuses, statuses
+    assert all(status in (200, 503) for status in statuses), statuses
