@@ -67,6 +67,7 @@ from heron.server.serving_completions import (
     compile_completion,
     completion_response,
     completion_stream,
+    encode_prompt_text,
     prepare_completion,
 )
 from heron.server.limits import Drain, RateLimiter
@@ -741,9 +742,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                 chat_template_kwargs=parsed.chat_template_kwargs,
                 tools=tools,
             )
+            tokens = model.tokenizer.encode_rendered(prompt, add_special_tokens=parsed.add_special_tokens)
         else:
-            prompt = parsed.prompt
-        tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+            tokens = encode_prompt_text(model, parsed.prompt, parsed.add_special_tokens)
         # Only the prompt form has vLLM's `return_token_strs`.
         want_strs = isinstance(parsed, TokenizeCompletionRequest) and parsed.return_token_strs
         response = TokenizeResponse(

@@ -47,6 +47,13 @@ def _log_format(text: str) -> str:
     return value
 
 
+def _special_tokens_in_prompts(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ("none", "completions", "all"):
+        raise argparse.ArgumentTypeError(f"not one of none, completions, all: {text!r}")
+    return value
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -69,6 +76,7 @@ class ServerSettings:
     seed: int | None = None
     chat_template: str | None = None
     tool_call_parser: str | None = None  # None: picked from the chat template
+    special_tokens_in_prompts: str = "completions"  # whose text may spell control tokens: none | completions | all
     allowed_origins: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
@@ -134,6 +142,15 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         str,
         "how tool calls are read from the model's text: hermes | llama3_json | mistral | generic "
         "(default: picked from the chat template)",
+    ),
+    (
+        "special_tokens_in_prompts",
+        ("--special-tokens-in-prompts",),
+        "HERON_SPECIAL_TOKENS_IN_PROMPTS",
+        _special_tokens_in_prompts,
+        "where special tokens typed in client text are control tokens: completions (default: /v1/completions "
+        "prompt strings, as in vLLM; chat message text stays plain text, so it cannot open a new turn) | all "
+        "(chat message text too: the old behaviour) | none",
     ),
     (
         "allowed_origins",
