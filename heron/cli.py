@@ -244,7 +244,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(settings, registry)
     log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
     try:
-        run(app, settings.host, settings.port, settings.log_level, settings.drain_timeout)
+        run(
+            app,
+            settings.host,
+            settings.port,
+            settings.log_level,
+            settings.drain_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            header_timeout=settings.header_timeout,
+        )
     except KeyboardInterrupt:
         pass
     finally:

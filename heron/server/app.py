@@ -72,6 +72,7 @@ from heron.server.serving_completions import (
 )
 from heron.server.limits import Drain, RateLimiter
 from heron.server.settings import ServerSettings
+from heron.server.timeouts import BodyDeadline, BodyTimeout
 from heron.server.tool_calls import ToolPlan
 
 logger = logging.getLogger("heron.server")
@@ -107,10 +108,11 @@ class _BodyTooLarge(Exception):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Callable, max_body_bytes: int, drain: Drain):
+    def __init__(self, app: Callable, max_body_bytes: int, drain: Drain, body_timeout: float = 0.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.drain = drain
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -135,10 +137,11 @@ class RequestContextMiddleware:
             await self._too_large(send_with_id)
             return
         received = 0
+        bounded_receive = BodyDeadline(receive, self.body_timeout)
 
         async def limited_receive() -> dict:
             nonlocal received
-            message = await receive()
+            message = await bounded_receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -151,6 +154,15 @@ class RequestContextMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             await self._too_large(send_with_id)
+        except BodyTimeout:
+            # The rest of the body may still be on its way: the connection cannot carry another request.
+            error = APIError(
+                408,
+                f"The request body did not arrive within {self.body_timeout:g} s.",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            )
+            await _send_error(send_with_id, error)
         finally:
             self.drain.in_progress -= 1
 
@@ -840,7 +852,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             allow_headers=["*"],
             expose_headers=[REQUEST_ID_HEADER, IGNORED_FIELDS_HEADER],
         )
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain, body_timeout=settings.body_timeout
+    )
     # Outermost, so that it also counts (and logs) what the middlewares inside it refuse.
     app.add_middleware(MetricsMiddleware, metrics=metrics, on_end=log_request)
     return app

@@ -20,6 +20,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from heron.server.timeouts import header_timeout_protocol
+
 logger = logging.getLogger("heron.server")
 
 
@@ -69,13 +71,24 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float) -> None:
+def run(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str,
+    drain_timeout: float,
+    *,
+    keep_alive_timeout: float = 5.0,
+    header_timeout: float = 0.0,
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level.lower(),
         access_log=False,
+        http=header_timeout_protocol(header_timeout),
+        timeout_keep_alive=keep_alive_timeout,
         # The drain already waited; this only bounds closing what is left after its deadline.
         timeout_graceful_shutdown=1,
     )

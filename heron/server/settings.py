@@ -84,6 +84,9 @@ class ServerSettings:
     rate_limit_tpm: int = 0
     request_timeout: float = 0.0  # seconds a generation may run; 0 = no limit
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0  # seconds a connection gets to send complete request headers; 0 = no limit
+    body_timeout: float = 30.0  # seconds a request gets to send its whole body; 0 = no limit
     sse_keepalive: float = 0.0  # seconds; 0 = off
     strict_fields: bool = False
     disable_log_requests: bool = False
@@ -200,6 +203,29 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         "HERON_DRAIN_TIMEOUT",
         float,
         "on SIGTERM, seconds in-flight requests get to finish before the server exits (default 30)",
+    ),
+    (
+        "keep_alive_timeout",
+        ("--keep-alive-timeout",),
+        "HERON_KEEP_ALIVE_TIMEOUT",
+        float,
+        "seconds an idle keep-alive connection stays open before the server closes it (default 5)",
+    ),
+    (
+        "header_timeout",
+        ("--header-timeout",),
+        "HERON_HEADER_TIMEOUT",
+        float,
+        "seconds a connection gets to send a request's complete headers, however slowly the bytes come, "
+        "before it is closed (default 10; 0 = no limit)",
+    ),
+    (
+        "body_timeout",
+        ("--body-timeout",),
+        "HERON_BODY_TIMEOUT",
+        float,
+        "seconds a request gets to send its whole body before it gets 408 and the connection is closed "
+        "(default 30; 0 = no limit)",
     ),
     (
         "sse_keepalive",
