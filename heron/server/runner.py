@@ -6,6 +6,9 @@ the end. When none is left, or `--drain-timeout` has passed, uvicorn is told to 
 still running then are aborted (a stream gets an error event), the engines stop, and the process
 exits 0. A second signal exits at
 once. Under a plain `uvicorn heron.server.app:app`, uvicorn's own shutdown applies instead.
+
+The HTTP protocol is uvicorn's httptools one with a header deadline (heron/server/timeouts.py),
+and the keep-alive timeout is `--keep-alive-timeout`.
 """
 
 from __future__ import annotations
