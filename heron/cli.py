@@ -245,7 +245,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
     status = 0
     try:
-        status = run(app, settings.host, settings.port, settings.log_level, settings.drain_timeout)
+        status = run(
+            app,
+            settings.host,
+            settings.port,
+            settings.log_level,
+            settings.drain_timeout,
+            keep_alive_timeout=settings.keep_alive_timeout,
+            header_timeout=settings.header_timeout,
+        )
     except KeyboardInterrupt:
         pass
     finally:

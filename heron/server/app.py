@@ -70,10 +70,12 @@ from heron.server.serving_completions import (
     num_completion_prompts,
     completion_response,
     completion_stream,
+    encode_prompt_text,
     prepare_completion,
 )
 from heron.server.limits import Drain, RateLimiter
 from heron.server.settings import ServerSettings
+from heron.server.timeouts import BodyDeadline, BodyTimeout
 from heron.server.tool_calls import ToolPlan
 
 logger = logging.getLogger("heron.server")
@@ -122,10 +124,11 @@ def clean_request_id(given: str) -> str:
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Callable, max_body_bytes: int, drain: Drain):
+    def __init__(self, app: Callable, max_body_bytes: int, drain: Drain, body_timeout: float = 0.0):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.drain = drain
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -149,10 +152,11 @@ class RequestContextMiddleware:
             await self._too_large(send_with_id)
             return
         received = 0
+        bounded_receive = BodyDeadline(receive, self.body_timeout)
 
         async def limited_receive() -> dict:
             nonlocal received
-            message = await receive()
+            message = await bounded_receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
@@ -165,6 +169,15 @@ class RequestContextMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             await self._too_large(send_with_id)
+        except BodyTimeout:
+            # The rest of the body may still be on its way: the connection cannot carry another request.
+            error = APIError(
+                408,
+                f"The request body did not arrive within {self.body_timeout:g} s.",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            )
+            await _send_error(send_with_id, error)
         finally:
             self.drain.in_progress -= 1
 
@@ -862,9 +875,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
                     chat_template_kwargs=parsed.chat_template_kwargs,
                     tools=tools,
                 )
+                tokens = model.tokenizer.encode_rendered(prompt, add_special_tokens=parsed.add_special_tokens)
             else:
-                prompt = parsed.prompt
-            tokens = model.tokenizer.encode(prompt, add_special_tokens=parsed.add_special_tokens)
+                tokens = encode_prompt_text(model, parsed.prompt, parsed.add_special_tokens)
             # Only the prompt form has vLLM's `return_token_strs`.
             want_strs = isinstance(parsed, TokenizeCompletionRequest) and parsed.return_token_strs
             return TokenizeResponse(
@@ -963,7 +976,9 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             allow_headers=["*"],
             expose_headers=[REQUEST_ID_HEADER, IGNORED_FIELDS_HEADER],
         )
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain)
+    app.add_middleware(
+        RequestContextMiddleware, max_body_bytes=settings.max_request_body_bytes, drain=drain, body_timeout=settings.body_timeout
+    )
     # Outermost, so that it also counts (and logs) what the middlewares inside it refuse.
     app.add_middleware(MetricsMiddleware, metrics=metrics, on_end=log_request)
     return app

@@ -44,6 +44,9 @@ class ServedModel:
     fim_tokens: tuple[int, int, int] | None = None  # prefix, suffix, middle ids when the vocab has them
     memory_bytes: int = 0  # weights, plus the KV cache for generation models
     tool_call_parser: str = "hermes"  # a heron.parsers name: how tool calls are read from the text
+    # Whose text may spell control tokens: "none", "completions" (prompt strings) or "all" (chat
+    # message text too); see --special-tokens-in-prompts.
+    special_tokens_in_prompts: str = "completions"
 
     @property
     def name(self) -> str:
@@ -189,6 +192,7 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         fim_tokens=_fim_tokens(tokenizer),
         memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
         tool_call_parser=parser,
+        special_tokens_in_prompts=settings.special_tokens_in_prompts,
     )
 
 

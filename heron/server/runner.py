@@ -11,6 +11,9 @@ If an engine dies (a failure no single request explains: the engine thread survi
 request's error), the server does not linger answering 503: it drains for at most
 `ENGINE_DEAD_DRAIN_S` and exits with status 1, so a supervisor (systemd, Kubernetes, Docker's
 restart policy) starts a fresh process.
+
+The HTTP protocol is uvicorn's httptools one with a header deadline (heron/server/timeouts.py),
+and the keep-alive timeout is `--keep-alive-timeout`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+
+from heron.server.timeouts import header_timeout_protocol
 
 logger = logging.getLogger("heron.server")
 
@@ -105,7 +110,16 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float) -> int:
+def run(
+    app: FastAPI,
+    host: str,
+    port: int,
+    log_level: str,
+    drain_timeout: float,
+    *,
+    keep_alive_timeout: float = 5.0,
+    header_timeout: float = 0.0,
+) -> int:
     """Serve until shut down; returns the exit status (EXIT_ENGINE_DEAD if an engine died)."""
     config = uvicorn.Config(
         app,
@@ -113,6 +127,8 @@ def run(app: FastAPI, host: str, port: int, log_level: str, drain_timeout: float
         port=port,
         log_level=log_level.lower(),
         access_log=False,
+        http=header_timeout_protocol(header_timeout),
+        timeout_keep_alive=keep_alive_timeout,
         # The drain already waited; this only bounds closing what is left after its deadline.
         timeout_graceful_shutdown=1,
     )

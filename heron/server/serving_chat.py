@@ -10,7 +10,7 @@ content deltas, one finish chunk per choice, the usage chunk when asked for, the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from heron.models.chat_template import ChatTemplateError
 from heron.outputs import FinishReason, RequestOutput
@@ -103,6 +103,17 @@ def _reject_unsupported(request: ChatCompletionRequest) -> None:
                     )
 
 
+def _escaped(value, escape):
+    """`value` (JSON-like) with `escape` applied to every string in it, keys included."""
+    if isinstance(value, str):
+        return escape(value)
+    if isinstance(value, dict):
+        return {_escaped(k, escape): _escaped(v, escape) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_escaped(v, escape) for v in value]
+    return value
+
+
 def render_chat_prompt(
     model: ServedModel,
     messages: list,
@@ -112,16 +123,23 @@ def render_chat_prompt(
     chat_template_kwargs: dict | None,
     tools: ToolPlan | None = None,
 ) -> str:
+    """The prompt text; tokenize it with `tokenizer.encode_rendered` (client text may carry escapes)."""
     if model.chat_template is None:
         raise bad_request(
             "This model has no chat template, so it cannot serve chat requests; use /v1/completions or start "
             "the server with --chat-template.",
             param="messages",
         )
-    conversation, template_tools = conversation_for_template(
-        [m.model_dump(by_alias=True, exclude_none=True) for m in messages], tools, model.chat_template.supports_tools
-    )
+    dumped = [m.model_dump(by_alias=True, exclude_none=True) for m in messages]
     kwargs = dict(chat_template_kwargs or {})
+    if model.special_tokens_in_prompts != "all":
+        # Everything the client wrote reaches the template with its special-token spellings
+        # escaped, so `encode_rendered` keeps only the template's own control tokens.
+        escape = model.tokenizer.escape_special
+        dumped, kwargs = _escaped(dumped, escape), _escaped(kwargs, escape)
+        if tools is not None:
+            tools = replace(tools, tools=_escaped(tools.tools, escape))
+    conversation, template_tools = conversation_for_template(dumped, tools, model.chat_template.supports_tools)
     for reserved in ("messages", "add_generation_prompt", "continue_final_message", "tools", "documents"):
         if reserved in kwargs:
             raise bad_request(f"'chat_template_kwargs' must not set '{reserved}'.", param="chat_template_kwargs")
@@ -152,7 +170,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_see
     )
     check_text_length(model, len(prompt), "messages")
     # The template writes any BOS it wants itself.
-    prompt_ids = model.tokenizer.encode(prompt, add_special_tokens=False)
+    prompt_ids = model.tokenizer.encode_rendered(prompt, add_special_tokens=False)
     max_tokens = check_context(model, len(prompt_ids), request.requested_max_tokens(), "messages")
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = sampling_params(

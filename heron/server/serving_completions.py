@@ -75,9 +75,16 @@ def num_completion_prompts(request: CompletionRequest) -> int:
     return len(prompt)
 
 
+def encode_prompt_text(model: ServedModel, text: str, add_special_tokens: bool) -> list[int]:
+    """A prompt string's ids: its special-token spellings are control tokens unless the server was
+    started with `--special-tokens-in-prompts none` (the caller writes the whole prompt, as in vLLM)."""
+    return model.tokenizer.encode(
+        text, add_special_tokens=add_special_tokens, parse_special=model.special_tokens_in_prompts != "none"
+    )
+
+
 def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPrompt]:
     prompt = request.prompt
-    tokenizer = model.tokenizer
     if isinstance(prompt, str):
         texts: list[str] | None = [prompt]
     elif isinstance(prompt[0], str):
@@ -96,16 +103,16 @@ def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPro
         if texts is None:
             raise bad_request("'suffix' needs the prompt as text, not token ids.", param="suffix")
         prefix_id, suffix_id, middle_id = model.fim_tokens
-        suffix_ids = tokenizer.encode(request.suffix, add_special_tokens=False)
+        suffix_ids = encode_prompt_text(model, request.suffix, False)
         return [
             PreparedPrompt(
                 text,
-                [prefix_id, *tokenizer.encode(text, add_special_tokens=False), suffix_id, *suffix_ids, middle_id],
+                [prefix_id, *encode_prompt_text(model, text, False), suffix_id, *suffix_ids, middle_id],
             )
             for text in texts
         ]
     if texts is not None:
-        return [PreparedPrompt(text, tokenizer.encode(text, add_special_tokens=True)) for text in texts]
+        return [PreparedPrompt(text, encode_prompt_text(model, text, True)) for text in texts]
     token_lists = [list(prompt)] if isinstance(prompt[0], int) else [list(p) for p in prompt]
     for p, ids in enumerate(token_lists):
         for token_id in ids:

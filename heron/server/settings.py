@@ -47,6 +47,13 @@ def _log_format(text: str) -> str:
     return value
 
 
+def _special_tokens_in_prompts(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ("none", "completions", "all"):
+        raise argparse.ArgumentTypeError(f"not one of none, completions, all: {text!r}")
+    return value
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -69,6 +76,7 @@ class ServerSettings:
     seed: int | None = None
     chat_template: str | None = None
     tool_call_parser: str | None = None  # None: picked from the chat template
+    special_tokens_in_prompts: str = "completions"  # whose text may spell control tokens: none | completions | all
     allowed_origins: list[str] = field(default_factory=list)
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
@@ -91,6 +99,9 @@ class ServerSettings:
     rate_limit_tpm: int = 0
     request_timeout: float = 0.0  # seconds a generation may run; 0 = no limit
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    header_timeout: float = 10.0  # seconds a connection gets to send complete request headers; 0 = no limit
+    body_timeout: float = 30.0  # seconds a request gets to send its whole body; 0 = no limit
     sse_keepalive: float = 0.0  # seconds; 0 = off
     strict_fields: bool = False
     disable_log_requests: bool = False
@@ -149,6 +160,15 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         str,
         "how tool calls are read from the model's text: hermes | llama3_json | mistral | generic "
         "(default: picked from the chat template)",
+    ),
+    (
+        "special_tokens_in_prompts",
+        ("--special-tokens-in-prompts",),
+        "HERON_SPECIAL_TOKENS_IN_PROMPTS",
+        _special_tokens_in_prompts,
+        "where special tokens typed in client text are control tokens: completions (default: /v1/completions "
+        "prompt strings, as in vLLM; chat message text stays plain text, so it cannot open a new turn) | all "
+        "(chat message text too: the old behaviour) | none",
     ),
     (
         "allowed_origins",
@@ -212,6 +232,29 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         "HERON_DRAIN_TIMEOUT",
         float,
         "on SIGTERM, seconds in-flight requests get to finish before the server exits (default 30)",
+    ),
+    (
+        "keep_alive_timeout",
+        ("--keep-alive-timeout",),
+        "HERON_KEEP_ALIVE_TIMEOUT",
+        float,
+        "seconds an idle keep-alive connection stays open before the server closes it (default 5)",
+    ),
+    (
+        "header_timeout",
+        ("--header-timeout",),
+        "HERON_HEADER_TIMEOUT",
+        float,
+        "seconds a connection gets to send a request's complete headers, however slowly the bytes come, "
+        "before it is closed (default 10; 0 = no limit)",
+    ),
+    (
+        "body_timeout",
+        ("--body-timeout",),
+        "HERON_BODY_TIMEOUT",
+        float,
+        "seconds a request gets to send its whole body before it gets 408 and the connection is closed "
+        "(default 30; 0 = no limit)",
     ),
     (
         "sse_keepalive",
