@@ -79,17 +79,17 @@ class RateLimiter:
             TokenBucket(rpm, rpm / 60) if rpm > 0 else None,
             TokenBucket(tpm, tpm / 60) if tpm > 0 else None,
         )
+        if len(self._buckets) >= self.max_keys:
+            self._evict()  # before adding: the new (full) bucket must not be swept at once
         self._buckets[key] = buckets
-        if len(self._buckets) > self.max_keys:
-            self._evict()
         return buckets
 
     def _evict(self) -> None:
         now = self.clock()
         for key in [k for k, pair in self._buckets.items() if all(b is None or b.is_full(now) for b in pair)]:
             del self._buckets[key]
-        # Still over: drop the least recently used tenth, so the next sweep is far away.
-        while len(self._buckets) > self.max_keys * 9 // 10:
+        # Still full: drop the least recently used tenth, so the next sweep is far away.
+        while self._buckets and len(self._buckets) >= self.max_keys * 9 // 10:
             self._buckets.popitem(last=False)
 
     def check_requests(self, key: str) -> None:

@@ -58,3 +58,30 @@ def test_disabled_limiter_admits_everything():
     assert not limiter.enabled
     for _ in range(1000):
         limiter.admit("a", 10**9)
+
+
+def test_the_bucket_map_is_bounded_and_drops_refilled_buckets_first():
+    clock = Clock()
+    limiter = RateLimiter(requests_per_minute=2, clock=clock, max_keys=100)
+    for i in range(99):
+        limiter.admit(f"made-up-{i}", 0)
+    clock.now += 120  # those have refilled: as good as new, so dropping them loses nothing
+    limiter.admit("busy", 0)
+    limiter.admit("busy", 0)
+    limiter.admit("one-more", 0)  # 101 keys: the sweep runs
+    assert limiter.num_keys == 2
+    refused(limiter, "busy", 0)  # an empty bucket is kept
+    for i in range(1000):  # and with nothing refilled, the least recently used go
+        limiter.admit(f"flood-{i}", 0)
+        assert limiter.num_keys <= 100
+
+
+def test_check_requests_refuses_without_charging():
+    clock = Clock()
+    limiter = RateLimiter(requests_per_minute=1, clock=clock)
+    limiter.check_requests("a")
+    limiter.check_requests("a")  # checking takes nothing
+    limiter.admit("a", 0)
+    with pytest.raises(APIError) as caught:
+        limiter.check_requests("a")
+    assert caught.value.status == 429 and caught.value.headers["Retry-After"] == "60"

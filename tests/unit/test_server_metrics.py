@@ -221,3 +221,21 @@ def test_log_line_formats():
     # A request refused before generating: no token or finish fields in the text form.
     refused = RequestRecord(started=0.0, error="invalid_json").log_fields("x", 400, None, 0.5)
     assert format_request_log(refused, "text") == "request id=x status=400 time=0.500s error=invalid_json"
+
+
+def test_client_chosen_values_cannot_forge_fields_or_lines():
+    from heron.server.app import clean_request_id
+
+    assert clean_request_id("fake status=200 model=admin") != "fake status=200 model=admin"
+    assert clean_request_id("req_01HZX-abc.def:42") == "req_01HZX-abc.def:42"
+    assert clean_request_id("x" * 129) != "x" * 129 and len(clean_request_id("x" * 129)) <= 128
+    assert clean_request_id("bad\nid") != "bad\nid"
+    record = RequestRecord(started=0.0, model='gpt status=200 client="10.0.0.1"\u2028next line', num_choices=0)
+    fields = record.log_fields("rid", 404, "127.0.0.1", 1.0)
+    text = format_request_log(fields, "text")
+    assert " status=404 " in text and " status=200" not in text.replace('\\"', "").split("model=")[0]
+    assert text.count("status=") == 2 and 'model="gpt status=200 client=\\"10.0.0.1\\"' in text
+    line = format_request_log(fields, "json")
+    assert len(line.splitlines()) == 1 and json.loads(line)["model"].startswith("gpt status=200")
+    long = format_request_log(RequestRecord(started=0.0, model="m" * 10_000).log_fields("r", 404, None, 1.0), "json")
+    assert len(long) < 1000
