@@ -189,6 +189,12 @@ def _describe(error: dict[str, Any], param: str | None) -> tuple[str, str | None
             f"but got an array with length {ctx.get('actual_length')} instead.",
             "array_below_min_length",
         )
+    if kind == "too_long" and isinstance(value, dict):
+        return (
+            f"Invalid '{name}': too many entries. Expected an object with at most {ctx.get('max_length')} "
+            f"entries, but got {ctx.get('actual_length')} instead.",
+            "object_above_max_entries",
+        )
     if kind == "too_long":
         return (
             f"Invalid '{name}': array too long. Expected an array with maximum length {ctx.get('max_length')}, "

@@ -136,9 +136,14 @@ def render_chat_prompt(
         # Everything the client wrote reaches the template with its special-token spellings
         # escaped, so `encode_rendered` keeps only the template's own control tokens.
         escape = model.tokenizer.escape_special
-        dumped, kwargs = _escaped(dumped, escape), _escaped(kwargs, escape)
-        if tools is not None:
-            tools = replace(tools, tools=_escaped(tools.tools, escape))
+        try:
+            dumped, kwargs = _escaped(dumped, escape), _escaped(kwargs, escape)
+            if tools is not None:
+                tools = replace(tools, tools=_escaped(tools.tools, escape))
+        except RecursionError as exc:
+            raise bad_request(
+                "'chat_template_kwargs' or the messages are nested too deeply.", param="chat_template_kwargs"
+            ) from exc
     conversation, template_tools = conversation_for_template(dumped, tools, model.chat_template.supports_tools)
     for reserved in ("messages", "add_generation_prompt", "continue_final_message", "tools", "documents"):
         if reserved in kwargs:

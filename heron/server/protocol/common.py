@@ -57,7 +57,10 @@ NumChoices = Annotated[int, Field(ge=1, le=128)]
 # types the values as integers (vLLM takes floats); we follow the spec.
 LogitBiasKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
 LogitBiasValue = Annotated[int, Field(ge=-100, le=100)]
-LogitBias = dict[LogitBiasKey, LogitBiasValue]
+# The sampler applies every entry of both at every step of the request, in the engine thread that
+# serves everyone: their length is bounded (neither the spec nor vLLM bounds it).
+MAX_TOKEN_ID_LIST = 4096
+LogitBias = Annotated[dict[LogitBiasKey, LogitBiasValue], Field(max_length=MAX_TOKEN_ID_LIST)]
 
 
 def _string_or_array_tag(value: Any) -> str | None:
@@ -248,7 +251,7 @@ class GenerationRequest(OpenAIRequestModel):
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
     min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0
     ignore_eos: bool = False
-    stop_token_ids: list[TokenId] | None = None
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_TOKEN_ID_LIST)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # vLLM's prefix-cache salt: requests share cached prompt blocks only with the same salt (and,
