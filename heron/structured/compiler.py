@@ -3,8 +3,8 @@
 llguidance was picked over xgrammar and outlines-core (see benchmarks/grammar_backends.py): it
 has no runtime dependencies, covers JSON Schema, regex and context-free (Lark / GBNF) grammars, and
 computes a full-vocabulary mask in tens of microseconds on this CPU. Compiling runs off the engine
-thread (the server calls it through `asyncio.to_thread`): a large schema can take milliseconds, and
-an engine step must not wait for that. Compiled grammars are cached by their spec, so a client that
+thread (the server's requests go through heron.structured.pool): a large schema can take up to a
+second, and an engine step must not wait for that. Compiled grammars are cached by their spec, so a client that
 sends the same schema on every request pays once.
 
 Compiling is bounded and fails closed: a spec must pass GrammarLimits (heron.structured.limits)
@@ -120,9 +120,8 @@ class GrammarCompiler:
         """
         return check_spec(spec, self.limits)
 
-    def cached(self, spec: StructuredOutputsParams) -> CompiledGrammar | None:
-        """The compiled grammar of a spec already compiled (and checked), or None."""
-        key = spec.cache_key()
+    def cached(self, key: str) -> CompiledGrammar | None:
+        """The compiled grammar cached under `key` (a checked spec's `cache_key()`), or None."""
         with self._lock:
             found = self._cache.get(key)
             if found is not None:
@@ -133,9 +132,12 @@ class GrammarCompiler:
         """Raises GrammarError for a spec the compiler refuses (bad syntax, unsupported keyword,
         over a limit, or compiling to a grammar that would not constrain the output)."""
         schema = self.check(spec)
-        found = self.cached(spec)
-        if found is not None:
-            return found
+        key = spec.cache_key()
+        return self.cached(key) or self.compile_checked(spec, schema, key)
+
+    def compile_checked(self, spec: StructuredOutputsParams, schema: object, key: str) -> CompiledGrammar:
+        """`compile` for a spec that passed `check` (which returned `schema`), cached under `key`:
+        the compile pool checks on the event loop and compiles on its thread, each once."""
         grammar = grammar_source(spec, schema)
         tokenizer = self._llg_tokenizer()
         # No validate_grammar first: it builds the same grammar again (~1/3 more time for a large
@@ -149,7 +151,7 @@ class GrammarCompiler:
         self._check_constrains(spec, first)
         compiled = CompiledGrammar(spec, grammar, template)
         with self._lock:
-            self._cache[spec.cache_key()] = compiled
+            self._cache[key] = compiled
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return compiled

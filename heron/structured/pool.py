@@ -39,9 +39,10 @@ _stack_lock = threading.Lock()  # threading.stack_size is process-wide: set it o
 class _Job:
     """One spec's compile, shared by every request that waits for it."""
 
-    def __init__(self, key: str, spec: StructuredOutputsParams):
+    def __init__(self, key: str, spec: StructuredOutputsParams, schema: object):
         self.key = key
         self.spec = spec
+        self.schema = schema  # what GrammarCompiler.check returned for it
         self.future: Future[CompiledGrammar] = Future()
         self.num_waiters = 0
         self.started = False
@@ -81,11 +82,12 @@ class GrammarCompilePool:
             raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
         # The caps first, on the loop (milliseconds of Python), so that a spec over them never takes
         # a queue slot, and before cache_key(), which could not write a too-deep schema.
-        self.compiler.check(spec)
-        found = self.compiler.cached(spec)
+        schema = self.compiler.check(spec)
+        key = spec.cache_key()
+        found = self.compiler.cached(key)
         if found is not None:
             return found
-        job = self._join(spec)
+        job = self._join(key, spec, schema)
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         job.future.add_done_callback(lambda done: loop.call_soon_threadsafe(_settle, waiter, done))
@@ -105,8 +107,7 @@ class GrammarCompilePool:
             self._leave(job)
             raise
 
-    def _join(self, spec: StructuredOutputsParams) -> _Job:
-        key = spec.cache_key()
+    def _join(self, key: str, spec: StructuredOutputsParams, schema: object) -> _Job:
         with self._lock:
             job = self._jobs.get(key)
             if job is None:
@@ -115,7 +116,7 @@ class GrammarCompilePool:
                         f"{self._num_waiting} grammars are already waiting to compile (the server's "
                         "`heron serve --max-grammar-queue` raises the limit); retry shortly."
                     )
-                job = _Job(key, spec)
+                job = _Job(key, spec, schema)
                 self._jobs[key] = job
                 self._num_waiting += 1
                 self._queue.put(job)
@@ -148,7 +149,7 @@ class GrammarCompilePool:
                 job.started = True
                 self._num_waiting -= 1
             try:
-                result = self.compiler.compile(job.spec)
+                result = self.compiler.compile_checked(job.spec, job.schema, job.key)
             except Exception as exc:  # noqa: BLE001 - every error goes to the waiters, typed as raised
                 _resolve(job.future, exc=exc)
             else:

@@ -260,7 +260,7 @@ def test_a_recursive_schema_compiles_to_a_real_constraint(loaded, compiler, stri
 async def wait_cached(compiler: GrammarCompiler, spec: StructuredOutputsParams, seconds: float = 20.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        found = compiler.cached(spec)
+        found = compiler.cached(spec.cache_key())
         if found is not None:
             return found
         await asyncio.sleep(0.02)
@@ -300,7 +300,7 @@ def test_a_queued_compile_is_dropped_when_its_waiter_is_cancelled(compiler):
         assert pool.num_waiting == 0
         await running
         await asyncio.sleep(0.1)
-        assert compiler.cached(queued_spec) is None  # never compiled
+        assert compiler.cached(queued_spec.cache_key()) is None  # never compiled
         pool.close()
 
     asyncio.run(scenario())
@@ -309,8 +309,9 @@ def test_a_queued_compile_is_dropped_when_its_waiter_is_cancelled(compiler):
 def test_identical_specs_share_one_compile(loaded):
     compiler = make_compiler(loaded)
     calls = []
-    compile_once = compiler.compile
-    compiler.compile = lambda spec: calls.append(spec) or compile_once(spec)
+    # What the pool's workers call, the spec checked on the event loop already.
+    compile_once = compiler.compile_checked
+    compiler.compile_checked = lambda spec, schema, key: calls.append(spec) or compile_once(spec, schema, key)
 
     async def scenario():
         pool = GrammarCompilePool(compiler, num_workers=2)
