@@ -220,14 +220,18 @@ class EngineCore:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks now. Returns False if it was unknown or done."""
+        return self._end_group(request_id) is not None
+
+    def _end_group(self, request_id: str) -> _Group | None:
+        """Forget a request and finish its samples (ABORT), which frees their KV blocks."""
         group = self._groups.pop(request_id, None)
         if group is None:
-            return False
+            return None
         for sample in group.samples:
             self._child_to_group.pop(sample.request.request_id, None)
             self._awaiting_schedule.pop(sample.request.request_id, None)
             self.scheduler.finish_request(sample.request, FinishReason.ABORT)
-        return True
+        return group
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
@@ -376,11 +380,7 @@ class EngineCore:
         located = self._child_to_group.get(child_id)
         if located is None:
             return  # already failed by another of its samples
-        group = self._groups.pop(located[0])
-        for sample in group.samples:
-            self._child_to_group.pop(sample.request.request_id, None)
-            self._awaiting_schedule.pop(sample.request.request_id, None)
-            self.scheduler.finish_request(sample.request, FinishReason.ABORT)
+        group = self._end_group(located[0])
         group.metrics.finished_time = time.monotonic()
         completions = []
         for index, sample in enumerate(group.samples):
