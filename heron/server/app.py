@@ -67,10 +67,10 @@ from heron.server.serving_chat import chat_response, chat_stream, compile_chat, 
 from heron.server.serving_common import SSE_DONE, SSE_HEADERS, merge_streams, request_error_from, sse_error
 from heron.server.serving_completions import (
     compile_completion,
-    num_completion_prompts,
     completion_response,
     completion_stream,
     encode_prompt_text,
+    num_completion_prompts,
     prepare_completion,
 )
 from heron.server.limits import Drain, RateLimiter
@@ -207,13 +207,16 @@ def _error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+def _bearer_token(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def _authorize(request: Request, keys: list[str]) -> None:
     if not keys or not request.url.path.startswith(_PROTECTED_PREFIXES):
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    token = _bearer_token(request)
+    if token is None:
         raise APIError(
             401,
             "You didn't provide an API key. You need to provide your API key in an Authorization header using "
@@ -457,19 +460,17 @@ def _with_request_id(error: APIError, request: Request) -> APIError:
     )
 
 
-def _bearer_token(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def _tenant(request: Request, keys: list[str]) -> str | None:
+    """The configured API key a request was authorized with, as a digest; None without keys, where
+    a bearer token is anyone's invention and names nobody."""
+    token = _bearer_token(request) if keys else None
+    return None if token is None else "key:" + hashlib.sha256(token.encode()).hexdigest()
 
 
 def _client_key(request: Request, keys: list[str]) -> str:
-    """Whom a rate limit counts against: the configured API key the request was authorized with,
-    else (no keys configured) the client's address. Without keys a bearer token is anyone's
-    invention, so keying on it would give every made-up token a fresh allowance."""
-    token = _bearer_token(request) if keys else None
-    if token is not None:
-        return "key:" + hashlib.sha256(token.encode()).hexdigest()
-    return "addr:" + (request.client.host if request.client else "-")
+    """Whom a rate limit counts against: the request's API key, else (no keys configured) the
+    client's address, so that a made-up token per request gets no fresh allowance."""
+    return _tenant(request, keys) or "addr:" + (request.client.host if request.client else "-")
 
 
 def _cache_salt(request: Request, settings: ServerSettings, asked: str | None) -> str | None:
@@ -477,9 +478,9 @@ def _cache_salt(request: Request, settings: ServerSettings, asked: str | None) -
     cached prompt blocks never answer another's: `cached_tokens` would tell what others sent),
     unless --share-prefix-cache-across-keys; and the request's own `cache_salt` (vLLM's field)."""
     parts = []
-    token = _bearer_token(request) if settings.api_key and not settings.share_prefix_cache_across_keys else None
-    if token is not None:
-        parts.append("key:" + hashlib.sha256(token.encode()).hexdigest())
+    tenant = None if settings.share_prefix_cache_across_keys else _tenant(request, settings.api_key)
+    if tenant is not None:
+        parts.append(tenant)
     if asked:
         parts.append("req:" + asked)
     return "\n".join(parts) or None

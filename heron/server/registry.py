@@ -10,8 +10,8 @@ micro-batching async face), by what the loaded checkpoint is.
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
