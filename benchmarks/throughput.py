@@ -19,6 +19,7 @@ Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -182,12 +183,7 @@ def main() -> None:
         worker_main(args)
         return
 
-    try:
-        import llama_cpp  # noqa: F401
-
-        have_llama_cpp = True
-    except ImportError:
-        have_llama_cpp = False
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 
     from heron import kernels
     from heron.bench import machine_description
