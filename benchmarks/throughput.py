@@ -13,7 +13,14 @@ On a CPU with AVX-512 VNNI, where the default is the AVX-512 build, it also runs
 forced (HERON_CPU_ISA=avx2), so the two builds are compared in the same run. The header names the CPU,
 its flags and the path (dtype, build, activations).
 llama.cpp (through llama-cpp-python, an optional benchmark dependency) runs the single stream only.
-Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--dtype auto]
+
+Every Heron worker imports heron from this checkout, whatever the venv's editable install points at, and
+reports where it did (source_trees.py). With `--baseline DIR`, another checkout (e.g. the commit before a
+change, `git worktree add ../base HEAD~1`), each Heron cell (not transformers, not llama.cpp) also runs
+from DIR's heron, this tree then the baseline on each repeat, and the report adds the baseline's rows and
+"this tree / baseline" ratios of the median tokens/s; the header names both revisions.
+Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--dtype auto] [--repeats 1]
+                                       [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import os
 import subprocess
 import sys
 import time
+
+import source_trees  # benchmarks/source_trees.py, beside this script
+from source_trees import Tree, WrongTree, fmt_ratio
 
 WORDS = (
     "the river carries light across old stones while birds argue about the weather and a small "
@@ -151,37 +161,107 @@ WORKERS = {
 }
 
 
+def is_heron(system: str) -> bool:
+    """A Heron cell: the ones --baseline runs again from the other tree."""
+    return system == "heron" or system.startswith("heron,")
+
+
 def worker_main(args) -> None:
     result = WORKERS[args.worker](args)
     result["peak_rss_mib"] = peak_rss_mib()
+    result["heron_file"] = source_trees.worker_heron_file()
     print("RESULT " + json.dumps(result))
 
 
-def spawn(system: str, mode: str, args) -> dict | None:
+def spawn(system: str, mode: str, args, tree: Tree) -> dict | None:
     cmd = [
         sys.executable, __file__, "--worker", system, "--mode", mode,
         "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=tree.env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.stderr.write(f"{system} ({mode}) failed:\n{proc.stderr[-2000:]}\n")
+            result = json.loads(line[len("RESULT "):])
+            tree.check(result.get("heron_file"), f"the {system} ({mode}) worker")
+            return result
+    sys.stderr.write(f"{system} ({mode}, {tree.name}) failed:\n{proc.stderr[-2000:]}\n")
     return None
 
 
-def main() -> None:
+def median_run(runs: list[dict]) -> dict:
+    """The run whose tokens/s is the median (the upper middle of an even count), TTFT and RSS with it."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
+def workload(mode: str, num_prompts: int) -> str:
+    return f"{num_prompts} prompts together" if mode == "batch" else "1 stream (decode)"
+
+
+Results = dict[tuple[str, str, str], dict]  # (system, mode, tree name) -> the median run
+
+
+def results_table(results: Results, num_prompts: int, tree_list: list[Tree]) -> list[str]:
+    """The Markdown table; a tree column only when there is a baseline, so the default table stays as it was."""
+    revisions = {t.name: t.revision for t in tree_list}
+    with_trees = len(tree_list) > 1
+    lines = ["| system | tree | workload | tokens/s | TTFT | peak RSS |" if with_trees
+             else "| system | workload | tokens/s | TTFT | peak RSS |"]
+    lines.append("| --- | --- | --- | ---: | ---: | ---: |" if with_trees else "| --- | --- | ---: | ---: | ---: |")
+    for (system, mode, tree), r in results.items():
+        ttft = f"{r['ttft_s'] * 1000:.0f} ms" if "ttft_s" in r else "-"
+        # transformers and llama.cpp take only the model's path from heron: no tree to name.
+        cells = [system] + ([f"{tree} {revisions[tree]}" if is_heron(system) else "-"] if with_trees else [])
+        cells += [workload(mode, num_prompts), f"{r['tokens_per_s']:.1f}", ttft, f"{r['peak_rss_mib']:.0f} MiB"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def baseline_ratios(results: Results, num_prompts: int, repeats: int) -> list[str]:
+    """this tree / baseline tokens/s of each Heron cell that both trees finished, from the medians."""
+    lines = []
+    for (system, mode, tree), r in results.items():
+        base = results.get((system, mode, "baseline"))
+        if tree == "this tree" and base is not None:
+            x = source_trees.ratio(r["tokens_per_s"], base["tokens_per_s"])
+            lines.append(f"this tree / baseline, {system}, {workload(mode, num_prompts)}: {fmt_ratio(x)}")
+    if lines:
+        lines.insert(0, f"this tree / baseline, tokens/s, medians of {repeats} run(s) each (above 1: this tree is faster):")
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="another Heron checkout: its heron runs the Heron cells too, interleaved with this tree's")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["batch", "single"], default="batch", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be positive")
+    if args.baseline is not None and not args.worker:
+        try:
+            Tree.at("baseline", args.baseline)
+        except ValueError as e:
+            parser.error(f"--baseline: {e}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         worker_main(args)
         return
+    source_trees.put_tree_first()  # the header's heron (kernel build, run path) is this checkout's too
+    tree_list = source_trees.trees(args.baseline)
 
     have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
 
@@ -196,15 +276,28 @@ def main() -> None:
     cells += [("heron", "single"), (f32, "single")] + ([(avx2, "single")] if both_builds else []) + [("transformers", "single")]
     if have_llama_cpp:
         cells.append(("llama.cpp", "single"))
-    results: dict[tuple[str, str], dict] = {}
+    results: Results = {}
+    heron_files: dict[str, set[str]] = {tree.name: set() for tree in tree_list}
     for system, mode in cells:
-        runs = [r for r in (spawn(system, mode, args) for _ in range(args.repeats)) if r]
-        if runs:
-            runs.sort(key=lambda r: r["tokens_per_s"])
-            results[(system, mode)] = runs[len(runs) // 2]
+        ran = tree_list if is_heron(system) else tree_list[:1]
+        runs: dict[str, list[dict]] = {tree.name: [] for tree in ran}
+        for _ in range(args.repeats):
+            for tree in ran:  # A B A B: drift over the run hits both trees alike
+                try:
+                    result = spawn(system, mode, args, tree)
+                except WrongTree as e:
+                    sys.exit(f"error: {e}")
+                if result:
+                    runs[tree.name].append(result)
+                    if is_heron(system):
+                        heron_files[tree.name].add(result["heron_file"])
+        for name, tree_runs in runs.items():
+            if tree_runs:
+                results[(system, mode, name)] = median_run(tree_runs)
         print(f"  done: {system} {mode}", file=sys.stderr)
 
     def ratio(a, b) -> str:
+        a, b = a + ("this tree",), b + ("this tree",)
         if a in results and b in results:
             return f"{results[a]['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x"
         return "n/a"
@@ -213,14 +306,13 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct, dtype={args.dtype}, {args.max_tokens} tokens per request, ignore_eos, "
           f"{os.cpu_count()} CPU threads, median of {args.repeats}")
     print(f"CPU: {machine_description()}")
+    print(source_trees.header(tree_list, heron_files))
     print(f"Heron's default path: {run_path.describe()}\n")
-    print("| system | workload | tokens/s | TTFT | peak RSS |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    for (system, mode), r in results.items():
-        workload = f"{args.num_prompts} prompts together" if mode == "batch" else "1 stream (decode)"
-        ttft = f"{r['ttft_s'] * 1000:.0f} ms" if "ttft_s" in r else "-"
-        print(f"| {system} | {workload} | {r['tokens_per_s']:.1f} | {ttft} | {r['peak_rss_mib']:.0f} MiB |")
+    print("\n".join(results_table(results, args.num_prompts, tree_list)))
     print()
+    ratios = baseline_ratios(results, args.num_prompts, args.repeats)
+    if ratios:
+        print("\n".join(ratios) + "\n")
     if both_builds:
         print(f"AVX-512 build / AVX2 build, batch {args.num_prompts}: {ratio(('heron', 'batch'), (avx2, 'batch'))}")
         print(f"AVX-512 build / AVX2 build, 1 stream: {ratio(('heron', 'single'), (avx2, 'single'))}")
