@@ -2,26 +2,42 @@
 
 Q/K/V and gate/up projections are fused into one matrix each (fewer, larger matmuls, which matters
 on a 2-core CPU); `load_weights` fills the fused matrices from Hugging Face's separate tensors.
-`forward` returns hidden states for the whole batch; `compute_logits` projects only the rows the
-sampler needs.
+`prepare(device, dtype)` chooses, once, the attention backend (heron.worker.attention) and the
+elementwise ops (heron.models.layers.decoder_ops) the model runs with there, so each layer has one
+code path. `forward` returns hidden states for the whole batch; `compute_logits` projects only the
+rows the sampler needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from heron import kernels
 from heron.models.arch_config import ArchConfig
-from heron.models.layers.activation import gated_activation
-from heron.models.layers.attention import Attention
+from heron.models.layers.decoder_ops import DecoderOps
 from heron.models.layers.linear import Linear
 from heron.models.layers.norm import RMSNorm
 from heron.models.layers.quantized import Embedding, QuantizedTensor
-from heron.models.layers.rotary import RotaryEmbedding, apply_rotary
+from heron.models.layers.rotary import RotaryEmbedding
+from heron.worker.attention import AttentionBackend, AttentionLayer, choose_backend
 from heron.worker.forward_batch import ForwardBatch
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderStep:
+    """What every layer of one forward reads, made once per forward: the model's ops and attention
+    backend, the RoPE inputs for the batch's positions, and the backend's metadata for the batch."""
+
+    ops: DecoderOps
+    rope: tuple[torch.Tensor, ...]
+    attention: AttentionBackend
+    metadata: Any
 
 
 class LlamaAttention(nn.Module):
@@ -34,35 +50,20 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
-        self.attn = Attention(layer_idx, self.num_heads, self.num_kv_heads, self.head_dim)
+        self.attn = AttentionLayer(self.num_heads, self.num_kv_heads, self.head_dim)
 
     def project_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook for per-head transforms before RoPE (Qwen3's Q/K norm); identity here."""
         return q, k
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, rope: tuple | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, step: DecoderStep, kv_cache: KVCache | None) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        # CPU kernels: rotate Q and K in place in the projection's output (not past a Q/K norm hook).
-        rotated = rope is not None and type(self).project_qk is LlamaAttention.project_qk
-        if rotated:
-            kernels.rotary_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, *rope)
-        elif rope is not None:
-            cos, sin = self._tables(rope)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if not rotated:
-            q, k = self.project_qk(q, k)
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
-        return self.o_proj(self.attn(q, k, v, batch))
-
-    @staticmethod
-    def _tables(rope: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        positions, cos_table, sin_table = rope
-        return cos_table[positions].unsqueeze(1), sin_table[positions].unsqueeze(1)
+        q, k = step.ops.rotate(*self.project_qk(q, k), step.rope)
+        return self.o_proj(step.attention.forward(self.attn, q, k, v, kv_cache, step.metadata))
 
 
 class LlamaMLP(nn.Module):
@@ -70,13 +71,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = gated_activation(config.hidden_act)
-        self.silu = config.hidden_act == "silu" and config.intermediate_size % 8 == 0
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        if fused and self.silu:
-            return self.down_proj(kernels.silu_mul(self.gate_up_proj(x)))
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, ops: DecoderOps) -> torch.Tensor:
+        return self.down_proj(ops.gated_act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -89,14 +86,11 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, rope: tuple | None = None) -> torch.Tensor:
-        if rope is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-            return x + self.mlp(self.post_attention_layernorm(x))
-        # CPU kernels: each residual add is fused into the norm that follows it (x is updated in place).
-        h = kernels.add_rms_norm(x, None, self.input_layernorm.weight, self.input_layernorm.eps)
-        h = kernels.add_rms_norm(x, self.self_attn(h, cos, sin, batch, rope), self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return x.add_(self.mlp(h, fused=True))
+    def forward(self, x: torch.Tensor, step: DecoderStep, kv_cache: KVCache | None) -> torch.Tensor:
+        x, h = step.ops.add_rms_norm(x, None, self.input_layernorm)
+        x, h = step.ops.add_rms_norm(x, self.self_attn(h, step, kv_cache), self.post_attention_layernorm)
+        # x is this forward's own residual stream (the embedding rows, or a sum made above): no copy.
+        return x.add_(self.mlp(h, step.ops))
 
 
 class LlamaModel(nn.Module):
@@ -134,30 +128,33 @@ class LlamaForCausalLM(nn.Module):
             config.rope_scaling,
             rope_freq_factors,
         )
+        # Chosen by prepare(), once the device and dtype the model runs in are final.
+        self.attention_backend: AttentionBackend | None = None
+        self.decoder_ops: DecoderOps | None = None
+
+    def prepare(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Choose the attention backend and decoder ops for running on `device` in `dtype`. The
+        loader calls this once the model is materialised there; call it again after moving or
+        casting the model. Raises ValueError for an activation Heron does not implement."""
+        device = torch.device(device)
+        self.attention_backend = choose_backend(device, dtype, self.config.head_dim)
+        self.decoder_ops = DecoderOps.choose(self.config, device, dtype, self.rotary)
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        x = self.model.embed_tokens(batch.input_ids)
-        if self._use_cpu_kernels(x):
-            rope = (batch.positions, self.rotary.cos_cache, self.rotary.sin_cache)
-            for layer in self.model.layers:
-                x = layer(x, None, None, batch, rope)
-            return kernels.add_rms_norm(x, None, self.model.norm.weight, self.model.norm.eps)
-        cos, sin = self.rotary.lookup(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch)
-        return self.model.norm(x)
-
-    def _use_cpu_kernels(self, x: torch.Tensor) -> bool:
-        """Fused norm / RoPE / SiLU kernels: float32 on a CPU that runs Heron's kernels."""
-        c = self.config
-        return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and c.hidden_size % 8 == 0
-            and c.head_dim % 16 == 0
-            and self.rotary.cos_cache.dtype == torch.float32
-            and kernels.available()
+        if self.decoder_ops is None:
+            raise RuntimeError("call prepare(device, dtype) before running the model")
+        ops = self.decoder_ops
+        step = DecoderStep(
+            ops,
+            ops.rope_inputs(self.rotary, batch.positions),
+            self.attention_backend,
+            self.attention_backend.build_metadata(batch),
         )
+        kv_caches = batch.kv_caches if batch.kv_caches is not None else [None] * len(self.model.layers)
+        x = self.model.embed_tokens(batch.input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, step, kv_cache)
+        return ops.add_rms_norm(x, None, self.model.norm)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the sampler's precision) for the given hidden rows."""

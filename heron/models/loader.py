@@ -216,6 +216,8 @@ def _materialise(model_class: type, config: ArchConfig, dtype: torch.dtype, devi
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.init_tables(device)
+    # The device and dtype are final here: the attention backend and fused ops are chosen for them.
+    model.prepare(device, dtype)
     return model.eval()
 
 

@@ -22,7 +22,7 @@ from heron.engine.errors import grammar_failed
 from heron.engine.request import Request
 from heron.outputs import TokenLogprob
 from heron.structured.bitmask import GrammarBitmask
-from heron.worker.forward_batch import ForwardBatch, PrefillSpan
+from heron.worker.forward_batch import ForwardBatch
 from heron.worker.sampler import Sampler, SamplingRow, token_logprobs
 
 
@@ -104,32 +104,13 @@ class ModelRunner:
             input_ids.append(req.all_token_ids[pos])
             positions.append(pos)
             slot_mapping.extend(self._slots(s.block_ids, pos, pos + 1))
-        spans: list[PrefillSpan] = []
         for s in prefills:
             req = s.request
             start_pos = req.num_computed_tokens
             end_pos = start_pos + s.num_tokens
-            start = len(input_ids)
             input_ids.extend(req.all_token_ids[start_pos:end_pos])
             positions.extend(range(start_pos, end_pos))
             slot_mapping.extend(self._slots(s.block_ids, start_pos, end_pos))
-            span = PrefillSpan(start, len(input_ids), start_pos)
-            if start_pos > 0:
-                span.slots = torch.tensor(self._slots(s.block_ids, 0, end_pos), device=self.device)
-            spans.append(span)
-
-        decode_slots = decode_mask = decode_lens = None
-        if decodes:
-            lengths = [s.request.num_computed_tokens + 1 for s in decodes]
-            max_len = max(lengths)
-            rows = []
-            for s, length in zip(decodes, lengths):
-                slots = self._slots(s.block_ids, 0, length)
-                rows.append(slots + [0] * (max_len - length))
-            decode_slots = torch.tensor(rows, device=self.device)
-            decode_lens = torch.tensor(lengths, device=self.device)
-            decode_mask = (torch.arange(max_len, device=self.device).unsqueeze(0) < decode_lens.unsqueeze(1))
-            decode_mask = decode_mask[:, None, None, :]
 
         # Which rows need logits: each request's last row when this step completes its known tokens,
         # and every prefill row of requests that asked for prompt logprobs.
@@ -146,13 +127,13 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            query_lens=[s.num_tokens for s in order],
+            context_lens=[s.request.num_computed_tokens for s in order],
             num_decodes=len(decodes),
-            prefills=spans,
+            block_tables=[s.block_ids for s in order],
+            block_size=self.block_size,
             kv_caches=self.kv_caches,
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-            decode_lens=decode_lens,
         )
         return batch, order, logits_rows
 

@@ -314,6 +314,35 @@ def test_rotary_rotates_q_and_k_heads_in_place_and_leaves_v():
     assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
 
 
+def test_the_kernel_ops_rotate_normed_heads_and_projection_views_to_the_table_lookups_bits():
+    # Qwen3 rotates fresh (normed) Q/K tensors, Llama views into the fused projection; both with the
+    # kernel, which must then give apply_rotary's bits exactly, not merely close ones.
+    from heron.models.arch_config import ArchConfig
+    from heron.models.layers.decoder_ops import CpuKernelOps, DecoderOps
+    from heron.models.layers.rotary import RotaryEmbedding
+
+    config = ArchConfig("Qwen3ForCausalLM", 64, 128, 256, 1, 4, 2, 32)
+    rope = RotaryEmbedding(32, 512, 10000.0)
+    kernel_ops = DecoderOps.choose(config, torch.device("cpu"), torch.float32, rope)
+    assert isinstance(kernel_ops, CpuKernelOps)
+    torch_ops = DecoderOps(config, torch.float32)
+    positions = torch.tensor([0, 3, 511, 17, 17, 200])
+    qkv = torch.randn(6, 8 * 32, generator=torch.Generator().manual_seed(6))
+
+    def views(t):
+        return t[:, : 4 * 32].view(6, 4, 32), t[:, 4 * 32 : 6 * 32].view(6, 2, 32)
+
+    want = torch_ops.rotate(*views(qkv), torch_ops.rope_inputs(rope, positions))
+    fused = qkv.clone()
+    for q, k in (views(fused), (views(qkv)[0].contiguous(), views(qkv)[1].contiguous())):
+        got = kernel_ops.rotate(q, k, kernel_ops.rope_inputs(rope, positions))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(fused[:, 6 * 32 :], qkv[:, 6 * 32 :])  # V untouched
+    with pytest.raises(ValueError, match="heads must lie contiguous"):
+        q, k = views(qkv.clone())
+        kernel_ops.rotate(q.transpose(1, 2), k, kernel_ops.rope_inputs(rope, positions))
+
+
 # -- the kernel builds: AVX-512 VNNI and AVX2 give the same bits -------------------------------
 
 
