@@ -1,7 +1,7 @@
 """What constrained decoding costs: the mask per token, and the slowdown of a batch around it.
 
 1. Mask overhead per token. For each kind of constraint, a valid output is tokenized and walked one
-   token at a time through the engine's own pieces: `GrammarBitmask.start()` + `wait()` (llguidance
+   token at a time through the engine's own pieces: `GrammarBitmask.start()` + `wait()` + `unpack_bitmask` (llguidance
    fills the packed mask on its worker thread, then it is unpacked to a bool row) and the sampler's
    masking of one logits row. Timed per token, median and p99, beside the median time of one decode
    step of a 16-request batch, so the overhead reads as a fraction of a step.
@@ -29,7 +29,7 @@ from heron.engine.core import EngineCore
 from heron.models.loader import load_model
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
 from heron.structured.bitmask import GrammarBitmask
-from heron.worker.sampler import Sampler, SamplingRow
+from heron.worker.sampler import Sampler, SamplingRow, unpack_bitmask
 
 PERSON = {
     "type": "object",
@@ -120,7 +120,7 @@ def mask_overhead(core: EngineCore, repeats: int) -> list[tuple[str, int, float,
             matcher = compiled.matcher()
             for token in walk + [core.eos_token_ids[0]]:
                 start = time.perf_counter()
-                row = masks.wait(masks.start([matcher]), [matcher])[0]
+                row = unpack_bitmask(masks.wait(masks.start([matcher])), vocab)[0]
                 mid = time.perf_counter()
                 logits = torch.randn(1, vocab)
                 sampler_rows = [SamplingRow(SamplingParams(temperature=0), [], [], core.eos_token_ids, None, row)]

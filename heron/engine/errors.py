@@ -23,6 +23,23 @@ class RequestFailedError(Exception):
     def __repr__(self) -> str:
         return f"RequestFailedError({self.message!r}, status={self.status}, code={self.code!r})"
 
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args), which would drop the keyword-only fields; a worker in
+        # another process reports failures through pickled messages.
+        return _rebuild, (self.message, self.status, self.code, self.param)
+
+
+def _rebuild(message: str, status: int, code: str, param: str | None) -> RequestFailedError:
+    return RequestFailedError(message, status=status, code=code, param=param)
+
+
+def as_request_error(exc: Exception) -> RequestFailedError:
+    """What a request's own failure tells its caller: a RequestFailedError as raised, else a 500 that
+    names the exception type (the traceback goes to the log, not to the client)."""
+    if isinstance(exc, RequestFailedError):
+        return exc
+    return RequestFailedError(f"the engine failed on this request ({type(exc).__name__})")
+
 
 def grammar_failed(detail: str) -> RequestFailedError:
     """A request's output constraint broke while decoding: end it rather than decode unconstrained."""

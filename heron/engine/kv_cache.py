@@ -4,7 +4,7 @@ Owns the block pool's bookkeeping (reference counts, the free list, each request
 and a `PrefixCache` of full blocks keyed by chained content hashes. The scheduler calls it:
 `get_computed_blocks(request)` finds a cached prefix, `allocate_slots(request, ...)` grows the
 request's block table (all-or-nothing) and registers newly full blocks, `free(request)` drops its
-references. The model runner only ever sees block ids. Pure Python, no torch; every call costs
+references. The workers only ever see block ids. Pure Python, no torch; every call costs
 O(blocks it touches), never O(pool).
 
 Each block is in exactly one state: truly free (on the free list), referenced by one or more live
@@ -66,10 +66,11 @@ class KVCache:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def get_block_ids(self, request_id: str) -> list[int]:
+    def get_block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's block table from block `start` on (a live request's table only grows)."""
         state = self._requests.get(request_id)
         # A copy, so a table handed to the runner cannot change under it when the request grows.
-        return list(state.block_ids) if state is not None else []
+        return state.block_ids[start:] if state is not None else []
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
         """The longest cached full-block prefix of the request's tokens, without taking references."""

@@ -1,7 +1,8 @@
 """The scheduler's view of one sequence: its tokens, how far its KV is computed, and its status.
 
-A Request is engine-internal and mutable; it never crosses the HTTP boundary. A completion with
-`n > 1` becomes n Requests that share the prompt's KV blocks through the prefix cache.
+A Request is engine-internal and mutable; it crosses neither the HTTP boundary nor the step boundary
+to the workers (they get heron.engine.messages). A completion with `n > 1` becomes n Requests that
+share the prompt's KV blocks through the prefix cache.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     # Prefix-cache hashes of this request's full blocks, extended incrementally by the KV cache.
     block_hashes: list[int] = field(default_factory=list)
-    # Per-request torch.Generator for seeded sampling; None draws from the global generator.
-    generator: Any = None
+    # Seed of the request's own random generator (which lives in the worker); None: the global one.
+    seed: int | None = None
     # Tokens that end the request unless ignore_eos (the model's EOS ids).
     eos_token_ids: tuple[int, ...] = ()
     # llguidance matcher of a structured-output request: which tokens may come next.

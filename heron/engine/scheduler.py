@@ -6,6 +6,10 @@ batch. Running requests are served first, oldest first; waiting requests are adm
 sequence slots and KV blocks last, after a prefix-cache lookup. When blocks run out for a running
 request, the newest running request is preempted: its blocks are freed and it is recomputed later
 (its prompt plus the tokens it already produced), which the prefix cache usually makes cheap.
+
+Each step is described to the workers as a heron.engine.messages.SchedulerOutput: a request in full
+the first time it runs, then only its new blocks and computed count, and the ids that ended since.
+Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from collections import deque
 
 from heron.config import SchedulerConfig
 from heron.engine.kv_cache import KVCache
+from heron.engine.messages import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from heron.engine.request import Request, RequestStatus
 from heron.outputs import FinishReason
-from heron.worker.model_runner import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
@@ -28,6 +32,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # What the workers hold: request id -> how many of its block ids they were sent (0 after a
+        # preemption, until it runs again); and the held requests that ended since the last step.
+        self._sent_blocks: dict[str, int] = {}
+        self._finished_ids: list[str] = []
 
     @property
     def num_waiting(self) -> int:
@@ -66,6 +74,8 @@ class Scheduler:
         request.finish_reason = reason
         self.kv_cache.free(request)
         self.requests.pop(request.request_id, None)
+        if self._sent_blocks.pop(request.request_id, None) is not None:
+            self._finished_ids.append(request.request_id)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -75,13 +85,16 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
+        if request.request_id in self._sent_blocks:
+            self._sent_blocks[request.request_id] = 0
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         return min(request.num_tokens - request.num_computed_tokens, budget)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[ScheduledRequest] = []
+        out = SchedulerOutput()
+        scheduled: list[tuple[Request, int, bool]] = []  # (request, tokens, admitted this step)
         preempted = False
 
         i = 0
@@ -98,7 +111,7 @@ class Scheduler:
                     break
             if num_new == 0:
                 break
-            scheduled.append(ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id)))
+            scheduled.append((request, num_new, False))
             budget -= num_new
             i += 1
 
@@ -116,9 +129,37 @@ class Scheduler:
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new, self.kv_cache.get_block_ids(request.request_id)))
+            scheduled.append((request, num_new, True))
             budget -= num_new
-        return SchedulerOutput(scheduled)
+
+        for request, num_new, admitted in scheduled:
+            self._describe(out, request, num_new, admitted)
+        if scheduled:
+            # Only a step that runs carries them: an empty one never reaches the workers.
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        return out
+
+    def _describe(self, out: SchedulerOutput, request: Request, num_new: int, admitted: bool) -> None:
+        """Add one scheduled request to the step's message: in full if the workers lack it, else its diff."""
+        request_id = request.request_id
+        num_sent = self._sent_blocks.get(request_id)
+        if num_sent is None:
+            block_ids = self.kv_cache.get_block_ids(request_id)
+            out.new_requests.append(
+                NewRequestData(
+                    request_id,
+                    request.prompt_token_ids,
+                    request.sampling_params,
+                    request.seed,
+                    block_ids,
+                    request.num_computed_tokens,
+                )
+            )
+        else:
+            block_ids = self.kv_cache.get_block_ids(request_id, num_sent)
+            out.cached_requests.append(CachedRequestData(request_id, block_ids, request.num_computed_tokens, resumed=admitted))
+        self._sent_blocks[request_id] = (num_sent or 0) + len(block_ids)
+        out.num_scheduled_tokens[request_id] = num_new
 
     def update(self, out: SchedulerOutput, result: ModelRunnerOutput) -> list[tuple[Request, int | None]]:
         """Advance computed counts, append sampled tokens, finish on EOS / stop token / length.
@@ -126,11 +167,11 @@ class Scheduler:
         Returns (request, new token or None) for every scheduled request, in schedule order.
         """
         updates: list[tuple[Request, int | None]] = []
-        for s in out.scheduled:
-            request = s.request
-            if request.status != RequestStatus.RUNNING:
-                continue
-            request.num_computed_tokens += s.num_tokens
+        for request_id, num_tokens in out.num_scheduled_tokens.items():
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # ended while the step ran (aborted, failed)
+            request.num_computed_tokens += num_tokens
             token_id = result.sampled_token_ids.get(request.request_id)
             if token_id is not None:
                 request.append_output_token(token_id)

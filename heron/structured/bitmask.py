@@ -1,9 +1,10 @@
 """GrammarBitmask: the allowed-token masks of one engine step, computed while the model runs.
 
-The model runner calls `start()` with the grammar matchers of the rows it will sample, before the
-forward pass; llguidance fills a packed bitmask (one bit per token, 32 per int32 word) in a
-background thread, releasing the GIL, so the masks cost the batch nothing but a join. `wait()`
-unpacks them into one bool row per sampled row (None for unconstrained rows) for the sampler.
+The engine core calls `start()` with the grammar matchers of the requests that sample this step,
+before it hands the step to the executor; llguidance fills a packed bitmask (one bit per token, 32
+per int32 word) in a background thread, releasing the GIL, so the masks cost the step nothing but a
+join. `wait()` returns the packed rows, which cross the step boundary as a GrammarOutput; the
+worker unpacks them (heron.worker.sampler.unpack_bitmask).
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ class GrammarBitmask:
         self._words = (vocab_size + 31) // 32
         self._executor = llguidance.LLExecutor()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heron-grammar")
-        self._bits = torch.arange(32, dtype=torch.int32)
 
-    def start(self, matchers: list[llguidance.LLMatcher | None]) -> Future[torch.Tensor] | None:
-        """Begin computing the masks of `matchers` (one per sampled row; None = unconstrained)."""
-        rows = [(matcher, i) for i, matcher in enumerate(matchers) if matcher is not None]
-        if not rows:
-            return None
+    def start(self, matchers: list[llguidance.LLMatcher]) -> Future[torch.Tensor]:
+        """Begin computing the masks of `matchers`, one packed row each."""
         packed = torch.full((len(matchers), self._words), -1, dtype=torch.int32)
+        rows = [(matcher, i) for i, matcher in enumerate(matchers)]
 
         def fill() -> torch.Tensor:
             self._executor.unsafe_compute_mask_ptr(rows, packed.data_ptr(), self._words * 4, len(matchers))
@@ -35,18 +33,9 @@ class GrammarBitmask:
 
         return self._pool.submit(fill)
 
-    def wait(self, pending: Future[torch.Tensor] | None, matchers: list[llguidance.LLMatcher | None]) -> list[torch.Tensor | None]:
-        """Bool masks over the vocabulary, one per row (None where the row is unconstrained)."""
-        if pending is None:
-            return [None] * len(matchers)
-        packed = pending.result()
-        constrained = [i for i, m in enumerate(matchers) if m is not None]
-        words = packed[constrained]
-        allowed = ((words.unsqueeze(-1) >> self._bits) & 1).bool().reshape(len(constrained), -1)[:, : self.vocab_size]
-        masks: list[torch.Tensor | None] = [None] * len(matchers)
-        for row, i in enumerate(constrained):
-            masks[i] = allowed[row]
-        return masks
+    def wait(self, pending: Future[torch.Tensor]) -> torch.Tensor:
+        """The packed masks: int32 [rows, ceil(vocab / 32)]."""
+        return pending.result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -1,54 +1,41 @@
-"""ModelRunner: executes one scheduled step on the model and samples the next tokens.
+"""ModelRunner: the worker that runs steps described by heron.engine.messages on one model.
 
-SchedulerOutput (requests and how many tokens each advances) -> ForwardBatch tensors (decodes first,
-then prefill chunks; cache slots from each request's block table) -> model -> logits for the rows
-that end a request's known tokens -> Sampler -> ModelRunnerOutput. The runner owns the KV cache
-tensors; the scheduler owns which blocks each request may use. Requests decoding under a grammar
-(structured outputs) get their token masks computed while the forward pass runs; the core advances
-their grammar state by the token they sample.
+`execute_model(SchedulerOutput)` applies the step's message to the worker's own request states
+(heron.worker.input_batch), lays the step out as a ForwardBatch and runs the model up to the logits
+of the rows that need them. `sample_tokens(GrammarOutput | None)` then samples, under the masks the
+core computed for its structured-output requests meanwhile, and returns a ModelRunnerOutput. The
+two halves let the core compute the masks while the forward pass runs. The runner owns the KV
+cache tensors; the scheduler owns which blocks each request may use.
 
-`execute` only reads the requests it is given (it writes nothing but KV slots and the sampled
-rows' generators), so the core can re-run a failed step's requests one at a time.
+Fault isolation: if the batched forward or sampling raises, the runner rewinds the seeded generators
+and runs the step's requests one at a time; those that fail alone are reported in
+`ModelRunnerOutput.failed` and the others get exactly what the batch would have given them. Sampled
+tokens join the worker's states only once the step has its final result. What is not one request's
+fault (out of memory, an accelerator error) raises out of the runner.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+import logging
+from typing import Union
 
 import torch
 
-from heron.engine.errors import grammar_failed
-from heron.engine.request import Request
+from heron.engine.errors import RequestFailedError, as_request_error
+from heron.engine.messages import GrammarOutput, ModelRunnerOutput, PromptLogprobs, SchedulerOutput
 from heron.outputs import TokenLogprob
-from heron.structured.bitmask import GrammarBitmask
-from heron.worker.forward_batch import ForwardBatch
-from heron.worker.sampler import Sampler, SamplingRow, token_logprobs
+from heron.worker.input_batch import InputBatch, ScheduledChunk, StepLayout
+from heron.worker.sampler import Sampler, SamplingRow, token_logprobs, unpack_bitmask
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class ScheduledRequest:
-    request: Request
-    num_tokens: int  # tokens this step computes for the request
-    block_ids: list[int]
+# Failures of the engine, never of the request that happened to be running: retrying alone won't
+# help (a CUDA error leaves the context unusable for every later kernel).
+ENGINE_ERRORS = (MemoryError, torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
 
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.scheduled)
-
-
-@dataclass
-class ModelRunnerOutput:
-    # request_id -> sampled token, for requests whose step reached the end of their known tokens.
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
-    # request_id -> logprobs of the prompt tokens this step covered (first prompt token: None).
-    prompt_logprobs: dict[str, list[TokenLogprob | None]] = field(default_factory=dict)
+# What execute_model leaves for sample_tokens: the layout and its logits (None: no row needs
+# any), or the exception the batched forward raised.
+_Forwarded = Union[tuple[StepLayout, "torch.Tensor | None"], Exception]
 
 
 class ModelRunner:
@@ -78,150 +65,147 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        self.input_batch = InputBatch(block_size, device)
         self.sampler = Sampler()
-        self._grammar_masks: GrammarBitmask | None = None  # made when the first grammar request runs
+        self._step: SchedulerOutput | None = None
+        self._forwarded: _Forwarded | None = None
+        self._generator_states: list[tuple[torch.Generator, torch.Tensor]] = []
 
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
-        bs = self.block_size
-        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def build_batch(self, out: SchedulerOutput) -> tuple[ForwardBatch, list[ScheduledRequest], list[int]]:
-        """Lay the step out: decodes first. Returns the batch, the order used, and logits rows."""
-        decodes = [s for s in out.scheduled if s.num_tokens == 1 and s.request.num_computed_tokens > 0]
-        prefills = [s for s in out.scheduled if not (s.num_tokens == 1 and s.request.num_computed_tokens > 0)]
-        order = decodes + prefills
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        logits_rows: list[int] = []
-        for s in decodes:
-            req = s.request
-            pos = req.num_computed_tokens
-            input_ids.append(req.all_token_ids[pos])
-            positions.append(pos)
-            slot_mapping.extend(self._slots(s.block_ids, pos, pos + 1))
-        for s in prefills:
-            req = s.request
-            start_pos = req.num_computed_tokens
-            end_pos = start_pos + s.num_tokens
-            input_ids.extend(req.all_token_ids[start_pos:end_pos])
-            positions.extend(range(start_pos, end_pos))
-            slot_mapping.extend(self._slots(s.block_ids, start_pos, end_pos))
-
-        # Which rows need logits: each request's last row when this step completes its known tokens,
-        # and every prefill row of requests that asked for prompt logprobs.
-        offset = 0
-        for s in order:
-            req = s.request
-            if req.sampling_params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens:
-                logits_rows.extend(range(offset, offset + s.num_tokens))
-            elif req.num_computed_tokens + s.num_tokens == req.num_tokens:
-                logits_rows.append(offset + s.num_tokens - 1)
-            offset += s.num_tokens
-
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=self.device),
-            positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=self.device),
-            query_lens=[s.num_tokens for s in order],
-            context_lens=[s.request.num_computed_tokens for s in order],
-            num_decodes=len(decodes),
-            block_tables=[s.block_ids for s in order],
-            block_size=self.block_size,
-            kv_caches=self.kv_caches,
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=self.device),
-        )
-        return batch, order, logits_rows
-
-    def _start_grammar_masks(self, out: SchedulerOutput) -> tuple[list[Request], Future | None]:
-        """Start the masks of the requests that sample under a grammar this step (those whose chunk
-        reaches the end of their known tokens); returns them and the pending masks."""
-        constrained = []
-        for s in out.scheduled:
-            req = s.request
-            if req.grammar is None or req.num_computed_tokens + s.num_tokens != req.num_tokens:
-                continue
-            if req.grammar.is_error():
-                # The core fails a request whose token broke its grammar; never decode unconstrained.
-                raise grammar_failed(req.grammar.get_error())
-            constrained.append(req)
-        if not constrained:
-            return [], None
-        if self._grammar_masks is None:
-            self._grammar_masks = GrammarBitmask(self.vocab_size)
-        return constrained, self._grammar_masks.start([req.grammar for req in constrained])
+    @torch.inference_mode()
+    def execute_model(self, out: SchedulerOutput) -> None:
+        """Take in the step's message and run the forward pass; sample_tokens() finishes the step."""
+        self.input_batch.update(out)
+        states = self.input_batch.states
+        # Seeded rows draw from their own generators: rewinding them makes a bystander's retry draw
+        # what the failed batch drew (unseeded rows draw afresh, as they would on any other day).
+        self._generator_states = [
+            (g, g.get_state()) for g in (states[r].generator for r in out.num_scheduled_tokens) if g is not None
+        ]
+        self._step = out
+        try:
+            self._forwarded = self._forward(out.num_scheduled_tokens)
+        except ENGINE_ERRORS:
+            raise
+        except Exception as exc:
+            self._forwarded = exc  # found out one request at a time in sample_tokens
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        batch, order, logits_rows = self.build_batch(out)
+    def sample_tokens(self, grammar: GrammarOutput | None) -> ModelRunnerOutput:
+        out, forwarded = self._step, self._forwarded
+        if out is None:
+            raise RuntimeError("sample_tokens() without execute_model()")
+        self._step = self._forwarded = None
+        masks: dict[str, torch.Tensor] = {}
+        if grammar is not None and grammar.request_ids:
+            rows = unpack_bitmask(grammar.bitmask.to(self.device), self.vocab_size)
+            masks = dict(zip(grammar.request_ids, rows))
+        if not isinstance(forwarded, Exception):
+            try:
+                return self._commit(self._sample(*forwarded, masks))
+            except ENGINE_ERRORS:
+                raise
+            except Exception as exc:
+                forwarded = exc
+        return self._commit(self._one_at_a_time(out, forwarded, masks))
+
+    def execute(self, out: SchedulerOutput, grammar: GrammarOutput | None = None) -> ModelRunnerOutput:
+        """Both halves of a step, for callers that have the masks up front."""
+        self.execute_model(out)
+        return self.sample_tokens(grammar)
+
+    def _one_at_a_time(self, out: SchedulerOutput, batch_error: Exception, masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
+        logger.warning("a step of %d requests failed (%r); running them one at a time", len(out.num_scheduled_tokens), batch_error)
+        for generator, state in self._generator_states:
+            generator.set_state(state)
         result = ModelRunnerOutput()
-        if not logits_rows:
-            self.model(batch)
-            return result
-        # Masks are computed on another thread while the model runs.
-        constrained, pending_masks = self._start_grammar_masks(out)
-        hidden = self.model(batch)
-        if len(logits_rows) != hidden.shape[0]:  # a pure decode step needs every row: no copy
-            hidden = hidden[batch.logits_indices]
-        logits = self.model.compute_logits(hidden)
-        row_of = {r: i for i, r in enumerate(logits_rows)}
-
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        offset = 0
-        for s in order:
-            req = s.request
-            end = req.num_computed_tokens + s.num_tokens
-            last_row = offset + s.num_tokens - 1
-            if req.sampling_params.prompt_logprobs is not None and req.num_computed_tokens < req.num_prompt_tokens:
-                result.prompt_logprobs[req.request_id] = self._prompt_logprobs(
-                    req, logits, [row_of[r] for r in range(offset, offset + s.num_tokens)]
-                )
-            if end == req.num_tokens:
-                sample_rows.append(row_of[last_row])
-                sample_reqs.append(req)
-            offset += s.num_tokens
-
-        if sample_reqs:
-            masks = {}
-            if pending_masks is not None:
-                rows = self._grammar_masks.wait(pending_masks, [req.grammar for req in constrained])
-                masks = {req.request_id: mask for req, mask in zip(constrained, rows)}
-            rows = [
-                SamplingRow(
-                    params=req.sampling_params,
-                    prompt_token_ids=req.prompt_token_ids,
-                    output_token_ids=req.output_token_ids,
-                    eos_token_ids=self.eos_token_ids,
-                    generator=req.generator,
-                    grammar_mask=masks.get(req.request_id),
-                )
-                for req in sample_reqs
-            ]
-            if sample_rows != list(range(logits.shape[0])):
-                logits = logits[torch.tensor(sample_rows, device=logits.device)]
-            sampled = self.sampler(logits, rows)
-            for req, token_id, lp in zip(sample_reqs, sampled.token_ids, sampled.logprobs):
-                result.sampled_token_ids[req.request_id] = token_id
-                if lp is not None:
-                    result.logprobs[req.request_id] = lp
+        for request_id, num_tokens in out.num_scheduled_tokens.items():
+            # The same block ids: rewriting the KV slots the batch wrote, with the same tokens, is harmless.
+            try:
+                alone = self._sample(*self._forward({request_id: num_tokens}), masks)
+            except ENGINE_ERRORS:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, RequestFailedError):
+                    logger.error("request %s failed alone", request_id, exc_info=exc)
+                result.failed[request_id] = as_request_error(exc)
+                continue
+            result.merge(alone)
+        # Even when every request fails alone, they are failed and the engine goes on: one HTTP
+        # request can carry several engine requests, so "all of them fail" is no proof that the
+        # engine is broken, and dying would let one client stop the server.
         return result
 
-    def _prompt_logprobs(self, req: Request, logits: torch.Tensor, rows: list[int]) -> list[TokenLogprob | None]:
+    def _commit(self, result: ModelRunnerOutput) -> ModelRunnerOutput:
+        states = self.input_batch.states
+        for request_id, token_id in result.sampled_token_ids.items():
+            states[request_id].append_output_token(token_id)
+        return result
+
+    def _forward(self, num_scheduled_tokens: dict[str, int]) -> tuple[StepLayout, torch.Tensor | None]:
+        layout = self.input_batch.prepare(num_scheduled_tokens, self.kv_caches)
+        if not layout.logits_rows:
+            self.model(layout.batch)
+            return layout, None
+        hidden = self.model(layout.batch)
+        if len(layout.logits_rows) != hidden.shape[0]:  # a pure decode step needs every row: no copy
+            hidden = hidden[layout.batch.logits_indices]
+        return layout, self.model.compute_logits(hidden)
+
+    def _sample(self, layout: StepLayout, logits: torch.Tensor | None, masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
+        """Sample the requests whose chunk ends their known tokens; only their generators change."""
+        result = ModelRunnerOutput()
+        if logits is None:
+            return result
+        row_of = {r: i for i, r in enumerate(layout.logits_rows)}
+        sample_rows: list[int] = []
+        sampled: list[ScheduledChunk] = []
+        for chunk in layout.chunks:
+            state = chunk.state
+            if state.wants_prompt_logprobs():
+                rows = [row_of[r] for r in range(chunk.row, chunk.row + chunk.num_tokens)]
+                result.prompt_logprobs[state.request_id] = self._prompt_logprobs(chunk, logits, rows)
+            if chunk.reaches_end:
+                sample_rows.append(row_of[chunk.row + chunk.num_tokens - 1])
+                sampled.append(chunk)
+        if not sampled:
+            return result
+        rows = [
+            SamplingRow(
+                params=c.state.params,
+                prompt_token_ids=c.state.prompt_token_ids,
+                output_token_ids=c.state.output_token_ids,
+                eos_token_ids=self.eos_token_ids,
+                generator=c.state.generator,
+                grammar_mask=masks.get(c.state.request_id),
+            )
+            for c in sampled
+        ]
+        if sample_rows != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(sample_rows, device=logits.device)]
+        out = self.sampler(logits, rows)
+        for chunk, token_id, lp in zip(sampled, out.token_ids, out.logprobs):
+            result.sampled_token_ids[chunk.state.request_id] = token_id
+            if lp is not None:
+                result.logprobs[chunk.state.request_id] = lp
+        return result
+
+    def _prompt_logprobs(self, chunk: ScheduledChunk, logits: torch.Tensor, rows: list[int]) -> PromptLogprobs:
         """Logprob of each prompt token this chunk covers, given the tokens before it."""
-        start = req.num_computed_tokens
-        num_top = req.sampling_params.prompt_logprobs
+        state, start = chunk.state, chunk.start
+        num_top = state.params.prompt_logprobs
         logprobs = logits[torch.tensor(rows, device=logits.device)].log_softmax(dim=-1)
         out: list[TokenLogprob | None] = [None] if start == 0 else []
         # Row j predicts token start + j + 1; the chunk's last row predicts the next chunk's first
         # prompt token (or the first generated token, which the sampler reports).
         for j in range(len(rows)):
             target = start + j + 1
-            if target >= req.num_prompt_tokens:
+            if target >= state.num_prompt_tokens:
                 break
-            out.append(token_logprobs(logprobs[j], req.all_token_ids[target], num_top))
-        return out
+            out.append(token_logprobs(logprobs[j], state.token_ids[target], num_top))
+        # The chunk covers positions from 0 (its None) when it starts the prompt, else from the
+        # token after its first one (the previous chunk's last row predicted that one).
+        return PromptLogprobs(0 if start == 0 else start + 1, out)

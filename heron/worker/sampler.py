@@ -19,6 +19,16 @@ from heron.outputs import TokenLogprob
 from heron.sampling_params import SamplingParams
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bitmask(packed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Packed allowed-token words (int32 [rows, ceil(vocab / 32)], bit j of word w: token 32w + j)
+    -> bool [rows, vocab_size]."""
+    bits = _BITS.to(packed.device)
+    return ((packed.unsqueeze(-1) >> bits) & 1).bool().reshape(packed.shape[0], -1)[:, :vocab_size]
+
+
 @dataclass
 class SamplingRow:
     """What the sampler needs of one request for one step."""

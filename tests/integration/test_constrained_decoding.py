@@ -21,6 +21,7 @@ from heron.outputs import FinishReason
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
 from heron.structured import GrammarCompiler, GrammarError
 from heron.structured.bitmask import GrammarBitmask
+from heron.worker.sampler import unpack_bitmask
 from tests.integration.test_engine import make_core, run
 
 PERSON = {
@@ -199,17 +200,16 @@ def test_bitmask_matches_llguidance_per_token(loaded, compiler):
     compiled = compiler.compile(StructuredOutputsParams(json=PERSON))
     walk = tokenizer.encode('{"name": "Zoë", "age": 7, "hobbies": ["chess"], "role": "student"}', add_special_tokens=False)
     masks = GrammarBitmask(compiler.vocab_size)
-    batch = [compiled.matcher(), None, compiled.matcher()]  # an unconstrained row in between
+    batch = [compiled.matcher(), compiled.matcher()]
     for token in walk:
-        rows = masks.wait(masks.start(batch), batch)
-        assert rows[1] is None
+        rows = unpack_bitmask(masks.wait(masks.start(batch)), compiler.vocab_size)
         reference = torch.frombuffer(bytearray(batch[0].compute_bitmask()), dtype=torch.uint8)
         want = ((reference.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1).bool().flatten()[: compiler.vocab_size]
-        assert torch.equal(rows[0], want) and torch.equal(rows[2], want)
+        assert torch.equal(rows[0], want) and torch.equal(rows[1], want)
         assert rows[0][token], tokenizer.decode([token])
-        for matcher in (batch[0], batch[2]):
+        for matcher in batch:
             assert matcher.consume_token(token)
-    final = masks.wait(masks.start(batch), batch)[0]
+    final = unpack_bitmask(masks.wait(masks.start(batch)), compiler.vocab_size)[0]
     assert final.nonzero().flatten().tolist() == list(loaded.eos_token_ids)
     masks.close()
 

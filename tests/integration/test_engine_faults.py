@@ -138,7 +138,7 @@ def test_a_request_failing_to_detokenize_ends_alone(core, prompt, other_prompt):
     reference = tokens_alone(core, other_prompt, GREEDY)
     core.add_request("bystander", other_prompt, GREEDY)
     core.add_request("bad", prompt, GREEDY)
-    detokenizer = core._groups["bad"].samples[0].detokenizer
+    detokenizer = core.output_processor._groups["bad"].samples[0].detokenizer
     real_update = detokenizer.update
 
     def update(token_ids):
@@ -192,7 +192,7 @@ def test_running_out_of_memory_kills_the_engine_without_retrying(core, prompt, o
         calls["n"] += 1
         raise torch.OutOfMemoryError("injected")
 
-    monkeypatch.setattr(core.runner, "execute", out_of_memory)
+    monkeypatch.setattr(core.executor, "execute_model", out_of_memory)
     core.add_request("a", prompt, GREEDY)
     core.add_request("b", other_prompt, GREEDY)
     with pytest.raises(torch.OutOfMemoryError):
@@ -228,7 +228,7 @@ def test_a_grammar_that_errors_mid_decode_ends_its_request(core, prompt, other_p
                 finished[output.request_id] = output
         num_steps += 1
         if num_steps == 3 and "bad" not in finished:
-            matcher = core._groups["bad"].samples[0].request.grammar
+            matcher = core.output_processor._groups["bad"].samples[0].request.grammar
             digit = core.tokenizer.encode("7", add_special_tokens=False)[0]
             assert not matcher.consume_token(digit) and matcher.is_error()  # corrupt its grammar state
     assert finished["bystander"].outputs[0].token_ids == reference
@@ -254,8 +254,8 @@ def test_a_grammar_mask_allowing_nothing_ends_its_request(core, prompt, other_pr
     reference = tokens_alone(core, other_prompt, GREEDY)
     real_wait = GrammarBitmask.wait
 
-    def nothing_allowed(self, pending, matchers):
-        return [None if m is None else torch.zeros_like(m) for m in real_wait(self, pending, matchers)]
+    def nothing_allowed(self, pending):
+        return torch.zeros_like(real_wait(self, pending))
 
     monkeypatch.setattr(GrammarBitmask, "wait", nothing_allowed)
     bad = SamplingParams(temperature=0, max_tokens=10, structured_outputs=WORDS)
