@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from heron.config import DEFAULT_MAX_NUM_SEQS, describe_batched_tokens_default
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="GGUF file or Hugging Face directory (default: bundled SmolLM2-135M-Instruct)")
@@ -20,8 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=DEFAULT_MAX_NUM_SEQS,
+                   help=f"most sequences decoded together (default {DEFAULT_MAX_NUM_SEQS})")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"token budget of one engine step (default {describe_batched_tokens_default()})")
     p.add_argument("--chat-template", default=None, help="a chat template file overriding the model's")
 
 

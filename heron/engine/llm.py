@@ -1,7 +1,8 @@
 """LLM: the offline batch API (`from heron import LLM, SamplingParams`), on the same EngineCore.
 
 `LLM(model=None)` loads the embedded default. `generate` takes strings or token-id lists and returns
-RequestOutputs in input order; `chat` applies the model's chat template first.
+RequestOutputs in input order; `chat` applies the model's chat template first. Engine limits left
+unset take the same defaults as `heron serve` for the device the model runs on (heron.config).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from heron.config import CacheConfig, SchedulerConfig
+from heron.config import DEFAULT_MAX_NUM_SEQS, CacheConfig, SchedulerConfig
 from heron.engine.core import EngineCore
 from heron.models.chat_template import ChatTemplate
 from heron.models.loader import load_model
@@ -28,11 +29,11 @@ class LLM:
         dtype: str = "auto",
         device: str = "auto",
         max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+        max_num_batched_tokens: int | None = None,  # None: the device's default (heron.config)
         kv_cache_memory_bytes: int | None = None,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
+        block_size: int = CacheConfig.block_size,
+        enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         chat_template: str | None = None,
         progress: bool = True,
     ):
@@ -41,7 +42,9 @@ class LLM:
         self.engine = EngineCore(
             self.loaded,
             CacheConfig(block_size, kv_cache_memory_bytes, enable_prefix_caching),
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            SchedulerConfig.for_device(
+                self.loaded.device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+            ),
             max_model_len,
         )
         if chat_template is not None:

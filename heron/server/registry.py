@@ -140,16 +140,14 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
     from heron.models.chat_template import ChatTemplate
     from heron.structured import GrammarLimits
 
-    budget = settings.max_num_batched_tokens
-    if budget is None:
-        # On a CPU a step of 256 tokens takes ~0.6 s for the bundled model: small enough that a burst of
-        # 32 new requests gets its first tokens out in turn (TTFT p50 at 32 clients: 1.5 s here, vs
-        # 2.2 s with 512), and served tokens/s was higher too. A GPU wants larger steps.
-        budget = 2048 if loaded.device.type == "cuda" else 256
     core = EngineCore(
         loaded,
         CacheConfig(kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching),
-        SchedulerConfig(settings.max_num_seqs, budget),
+        SchedulerConfig.for_device(
+            loaded.device,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        ),
         settings.max_model_len,
         grammar_limits=GrammarLimits(
             max_bytes=settings.max_grammar_bytes,

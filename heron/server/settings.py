@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from heron.config import DEFAULT_MAX_NUM_SEQS, CacheConfig, describe_batched_tokens_default
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -67,9 +69,9 @@ class ServerSettings:
     api_key: list[str] = field(default_factory=list)
     served_model_name: list[str] = field(default_factory=list)
     max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None  # None: 256 on CPU, 2048 on CUDA (see registry)
-    enable_prefix_caching: bool = True
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int | None = None  # None: the device's default (heron.config)
+    enable_prefix_caching: bool = CacheConfig.enable_prefix_caching
     dtype: str = "auto"
     device: str = "auto"
     kv_cache_memory: int | None = None  # bytes
@@ -134,13 +136,19 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         "name(s) clients may use for the model; responses echo the name a request used (env: comma-separated)",
     ),
     ("max_model_len", ("--max-model-len",), "HERON_MAX_MODEL_LEN", int, "context length cap (prompt + output tokens)"),
-    ("max_num_seqs", ("--max-num-seqs",), "HERON_MAX_NUM_SEQS", int, "most sequences decoded together (default 64)"),
+    (
+        "max_num_seqs",
+        ("--max-num-seqs",),
+        "HERON_MAX_NUM_SEQS",
+        int,
+        f"most sequences decoded together (default {DEFAULT_MAX_NUM_SEQS})",
+    ),
     (
         "max_num_batched_tokens",
         ("--max-num-batched-tokens",),
         "HERON_MAX_NUM_BATCHED_TOKENS",
         int,
-        "token budget of one engine step (prefill chunks + decodes; default 256 on CPU, 2048 on CUDA)",
+        f"token budget of one engine step (prefill chunks + decodes; default {describe_batched_tokens_default()})",
     ),
     ("dtype", ("--dtype",), "HERON_DTYPE", str, "auto | float32 | bfloat16 | float16"),
     ("device", ("--device",), "HERON_DEVICE", str, "auto | cpu | cuda | cuda:N"),

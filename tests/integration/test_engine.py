@@ -768,6 +768,8 @@ def test_llm_generate_and_chat():
     from heron import LLM
 
     llm = LLM(progress=False, kv_cache_memory_bytes=64 << 20)
+    # The same limits `heron serve` takes on this device when none is given.
+    assert llm.engine.scheduler.config == SchedulerConfig.for_device(llm.loaded.device)
     params = SamplingParams(temperature=0, max_tokens=8)
     texts = ["The capital of France is", "def add(a, b):", "Water boils at", "Roses are red,"]
     token_prompt = llm.tokenizer.encode("1, 2, 3, 4,", add_special_tokens=True)
