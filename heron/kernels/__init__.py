@@ -7,6 +7,9 @@ the CPU has it, else the AVX2 one; `HERON_CPU_ISA=avx2` forces the AVX2 build on
 give the same bits. Where none can run (not x86-64 with AVX2/FMA/F16C, no compiler,
 `HERON_CPU_KERNELS=0`) `available()` is False, and callers keep PyTorch's path: quantized weights are
 then dequantized at load time. `status()` says which build runs and why.
+
+Those variables are read once, into heron.env's EnvSettings, not here at call time: the build is
+chosen on the first `load()`, and `HERON_CPU_INT8` is read when weights are packed.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch  # loaded first: the kernels' OpenMP runtime must be the one torch already runs on
 
 from heron.cpu_info import CpuInfo, choose_isa
+from heron.env import env_settings
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +40,6 @@ _ISA_FLAGS = {
     "avx2": [],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DHERON_AVX512"],
 }
-_OFF_VALUES = ("0", "false", "no", "off")
 
 # GGML type codes the kernels read (names as gguf-py's GGMLQuantizationType spells them).
 QTYPE_CODES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}
@@ -63,17 +66,11 @@ _status: KernelStatus | None = None  # None until load() decided
 _builds: dict[str, ctypes.CDLL] = {}  # every build loaded so far, by ISA (tests and benchmarks load two)
 
 
-def cache_dir() -> Path:
-    if os.environ.get("HERON_CACHE_DIR"):
-        return Path(os.environ["HERON_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "heron"
-
-
 def build(isa: str, emulate_with: str | None = None) -> Path:
     """The shared library of `isa`'s build (compiled on first call, then cached). `emulate_with`: a
     SIMDe include directory, to build the AVX-512 code for a CPU without AVX-512 (tests only)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    settings = env_settings()
+    compiler = settings.cc or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     if emulate_with is None:
@@ -83,7 +80,7 @@ def build(isa: str, emulate_with: str | None = None) -> Path:
         flags = _BASE_FLAGS + ["-DHERON_AVX512", "-DHERON_SIMDE", "-Wno-psabi", f"-I{emulate_with}"]
         name = f"{isa}-simde"
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_kernels-{name}-{digest}.so"
+    target = settings.cache_dir / f"cpu_kernels-{name}-{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,9 +131,10 @@ def load_build(isa: str, emulate_with: str | None = None) -> ctypes.CDLL:
 
 def _decide() -> tuple[ctypes.CDLL | None, KernelStatus]:
     cpu = CpuInfo.read()
-    if os.environ.get("HERON_CPU_KERNELS", "1").lower() in _OFF_VALUES:
+    settings = env_settings()
+    if not settings.cpu_kernels:
         return None, KernelStatus(None, "CPU kernels off: HERON_CPU_KERNELS=0", cpu.describe())
-    isa, reason = choose_isa(cpu, os.environ.get("HERON_CPU_ISA", "auto"))
+    isa, reason = choose_isa(cpu, settings.cpu_isa)
     if isa is None:
         return None, KernelStatus(None, reason, cpu.describe())
     try:
@@ -200,8 +198,8 @@ def _ptr(t: torch.Tensor) -> int:
 def int8_activations() -> bool:
     """Whether weights packed from now on multiply int8-quantized activations (the default, as
     llama.cpp does for these types), or float32 ones (`HERON_CPU_INT8=0`: slower, closer to a float
-    reference)."""
-    return os.environ.get("HERON_CPU_INT8", "1") not in ("0", "false", "no", "off")
+    reference). Read from heron.env's settings, so `heron.env.override(cpu_int8=...)` changes it."""
+    return env_settings().cpu_int8
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from heron import kernels
+from heron import env, kernels
 from heron.models.layers.linear import Linear
 from heron.models.layers.quantized import QuantizedTensor
 from heron.models.layers.rotary import RotaryEmbedding
@@ -103,8 +103,7 @@ KL_MEAN = 0.03  # nats per position; measured 0.0152
 def smollm2(smollm2_gguf_path) -> LoadedModel:
     # Float32 activations: what transformers computes. (The CPU kernels' default, int8 activations,
     # has its own test below.)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HERON_CPU_INT8", "0")
+    with env.override(cpu_int8=False):
         return load_model(smollm2_gguf_path, dtype="float32", device="cpu", progress=False)
 
 
@@ -167,8 +166,7 @@ def test_smollm2_with_int8_activations_stays_near_the_float_model(
 ):
     # The default load quantizes each matmul's activations to int8 (as llama.cpp does for these
     # weight types): not within 1e-3 of transformers, but the same predictions almost everywhere.
-    with pytest.MonkeyPatch.context() as env:
-        env.delenv("HERON_CPU_INT8", raising=False)
+    with env.override(cpu_int8=True):
         int8_model = load_model(smollm2_gguf_path, dtype="float32", device="cpu", progress=False)
     linears = [m for m in int8_model.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.packed.int8 for m in linears)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from heron import kernels
+from heron import env, kernels
 from heron.cpu_info import CpuInfo
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="CPU kernels need x86-64 with AVX2/FMA/F16C and a C compiler")
@@ -156,12 +156,13 @@ def test_a_row_gives_the_same_bits_in_any_batch(qtype, int8):
         assert torch.equal(kernels.packed_linear(x[start:stop], w_packed), together[start:stop])
 
 
-def test_int8_activations_are_the_default_and_the_environment_turns_them_off(monkeypatch):
+def test_int8_activations_are_the_default_and_the_environment_turns_them_off():
+    assert env.EnvSettings.from_env({}).cpu_int8 and not env.EnvSettings.from_env({"HERON_CPU_INT8": "0"}).cpu_int8
     blocks, _ = make_blocks("Q4_1", 8, 32)
-    monkeypatch.delenv("HERON_CPU_INT8", raising=False)
-    assert kernels.int8_activations() and kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
-    monkeypatch.setenv("HERON_CPU_INT8", "0")
-    assert not kernels.int8_activations() and not kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
+    with env.override(cpu_int8=True):
+        assert kernels.int8_activations() and kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
+    with env.override(cpu_int8=False):
+        assert not kernels.int8_activations() and not kernels.pack_blocks(blocks, "Q4_1", 8, 32).int8
 
 
 @pytest.mark.parametrize("int8", [False, True])
@@ -400,17 +401,17 @@ def test_using_refuses_a_build_this_cpu_cannot_run():
             pass
 
 
-def test_each_build_is_cached_under_its_own_name(tmp_path, monkeypatch):
-    monkeypatch.setenv("HERON_CACHE_DIR", str(tmp_path))
-    path = kernels.build("avx2")
-    assert path.parent == tmp_path and "-avx2-" in path.name and kernels.build("avx2") == path
+def test_each_build_is_cached_under_its_own_name(tmp_path):
+    with env.override(cache_dir=tmp_path):
+        path = kernels.build("avx2")
+        assert path.parent == tmp_path and "-avx2-" in path.name and kernels.build("avx2") == path
 
 
 @pytest.mark.parametrize(
-    "env,want",
+    "environ,want",
     [({"HERON_CPU_ISA": "avx2"}, "avx2"), ({"HERON_CPU_KERNELS": "0"}, "None"), ({"HERON_CPU_ISA": "auto"}, None)],
 )
-def test_the_environment_picks_the_build_a_process_runs(env, want):
+def test_the_environment_picks_the_build_a_process_runs(environ, want):
     import os
     import subprocess
     import sys
@@ -418,7 +419,7 @@ def test_the_environment_picks_the_build_a_process_runs(env, want):
     best = CpuInfo.read().kernel_isas[0]
     proc = subprocess.run(
         [sys.executable, "-c", "from heron import kernels; print(kernels.status().isa)"],
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("HERON_CPU")}, **env},
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HERON_CPU")}, **environ},
         capture_output=True, text=True, check=True,
     )
     assert proc.stdout.strip() == (want or best)

@@ -27,6 +27,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from heron import env
 from heron.models.gguf import GGUFFile, hf_tensor_name, unpermute_qk
 from heron.models.layers.rotary import RotaryEmbedding
 from heron.models.loader import load_model
@@ -566,8 +567,7 @@ def load_written(tmp_path, references, case: str, qtype: QType):
     write_model_gguf(path, arch, reference, qtype)
     # Float32 activations: these tests check what is read from the file, which the CPU kernels'
     # default int8 activations would blur (tests/unit/test_cpu_kernels.py covers those).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HERON_CPU_INT8", "0")
+    with env.override(cpu_int8=False):
         loaded = load_model(path, dtype="float32", device="cpu", progress=False)
     assert loaded.source_format == "gguf"
     assert loaded.arch_config.architecture == architecture
