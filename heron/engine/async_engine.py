@@ -1,8 +1,9 @@
 """AsyncEngine: the asyncio face of EngineCore, for the HTTP layer.
 
-It owns one dedicated engine thread, the only thread that ever touches the (not thread-safe) core.
-What flows in: `generate()` and `abort()` calls on the event loop, handed to the engine thread as
-commands on a thread-safe queue and applied between steps. What flows out: every RequestOutput
+It runs the core on one dedicated engine thread (heron.engine.driver, shared with the embedding
+engine), the only thread that ever touches the (not thread-safe) core. What flows in: `generate()`
+and `abort()` calls on the event loop, handed to the engine thread as commands on the driver's
+thread-safe queue and applied between steps. What flows out: every RequestOutput
 delta of a request, in order, pushed into that request's asyncio queue with
 `loop.call_soon_threadsafe` (one call per event loop per step) and yielded by its `generate()`
 iterator; the last one has `finished=True`.
@@ -27,14 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from heron.engine.core import EngineCore
+from heron.engine.driver import EngineDriver, call_in_loop
+from heron.engine.errors import EngineDeadError
 from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
 from heron.structured import CompiledGrammar, GrammarCompilePool, GrammarPoolClosed
@@ -44,10 +45,6 @@ logger = logging.getLogger(__name__)
 
 # How long shutdown waits for a running grammar compile (bounded by the caps: ~1 s at most).
 GRAMMAR_JOIN_TIMEOUT_S = 15.0
-
-
-class EngineDeadError(RuntimeError):
-    """The engine loop failed (or was shut down); it serves no more requests."""
 
 
 @dataclass(frozen=True)
@@ -134,11 +131,7 @@ class _Abort:
     stream: _Stream | None = None
 
 
-class _Shutdown:
-    """Command: abort everything in flight and end the engine thread."""
-
-
-_Command = _Add | _Abort | _Shutdown
+_Command = _Add | _Abort
 # What one engine-thread iteration hands to each event loop: (request queue, item) pairs.
 _Deliveries = dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]]
 
@@ -164,13 +157,17 @@ class AsyncEngine:
         self._grammar_pool_args = (grammar_workers, grammar_queue)
         self.grammar_timeout = grammar_timeout
         self._grammar_pool: GrammarCompilePool | None = None  # started on the first compile
-        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        # Guards the lifecycle flags together with enqueueing, so no command can slip in behind
-        # the shutdown command (it would never be read, and its caller would wait forever).
-        self._lock = threading.Lock()
-        self._closed = False
-        self._dead_error: BaseException | None = None
+        # Held while the pool is made or taken for closing; shutdown closes the driver first, so a
+        # compile that sees the driver open made its pool before shutdown looks for one.
+        self._pool_lock = threading.Lock()
+        self._driver: EngineDriver[_Command] = EngineDriver(
+            thread_name="heron-engine",
+            engine_name="the engine",
+            owner="AsyncEngine",
+            serve=self._serve,
+            fail=self._fail_all,
+            refuse=self._refuse,
+        )
         self._stats = self._snapshot({})
         # Touched only by the engine thread: request id -> its stream, for admitted requests.
         self._streams: dict[str, _Stream] = {}
@@ -178,32 +175,18 @@ class AsyncEngine:
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise EngineDeadError("the engine has been shut down")
-            if self._thread is not None:
-                return
-            # The engine thread gives the GIL up around every kernel and tensor op, and must get it
-            # back fast; Python's default 5 ms switch interval let the event loop hold it that long.
-            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-            self._thread = threading.Thread(target=self._run, name="heron-engine", daemon=True)
-            self._thread.start()
+        """Start the engine thread (idempotent); EngineDeadError after shutdown."""
+        self._driver.start()
 
     async def shutdown(self) -> None:
         """Stop the engine thread; requests still in flight finish with an ABORT output."""
-        with self._lock:
-            thread = self._thread
-            if not self._closed:
-                self._closed = True
-                if thread is not None:
-                    self._commands.put(_Shutdown())
+        self._driver.close()
+        with self._pool_lock:
             pool = self._grammar_pool
-            if pool is not None:
-                pool.close()  # requests waiting for a compile get GrammarPoolClosed
+        if pool is not None:
+            pool.close()  # requests waiting for a compile get GrammarPoolClosed
+        await self._driver.join()  # the thread may be mid-step
         loop = asyncio.get_running_loop()
-        if thread is not None and thread.is_alive():
-            # The thread may be mid-step: wait for it without blocking the event loop.
-            await loop.run_in_executor(None, thread.join)
         if pool is not None and not await loop.run_in_executor(None, pool.join, GRAMMAR_JOIN_TIMEOUT_S):
             logger.warning("a grammar compile was still running %g s after shutdown", GRAMMAR_JOIN_TIMEOUT_S)
 
@@ -216,12 +199,13 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead_error is None
+        """Started, not shut down and not dead."""
+        return self._driver.is_running
 
     @property
     def dead_error(self) -> BaseException | None:
         """The exception that killed the engine loop, if it died."""
-        return self._dead_error
+        return self._driver.dead_error
 
     # ----------------------------------------------------------------- stats
 
@@ -267,7 +251,7 @@ class AsyncEngine:
         if params.structured_outputs is not None and grammar is None:
             grammar = await self.compile_grammar(params.structured_outputs)
         stream = _Stream(request_id, list(prompt_token_ids), params, asyncio.get_running_loop())
-        self._submit(_Add(stream, cache_salt, grammar, arrival_time))
+        self._driver.submit(_Add(stream, cache_salt, grammar, arrival_time))
         done = False
         try:
             while True:
@@ -291,14 +275,14 @@ class AsyncEngine:
             if not done:
                 # The consumer left early (disconnect, cancel): free the request's KV blocks. This
                 # must not await, since it may run while a GeneratorExit is unwinding us.
-                self._enqueue(_Abort(request_id, stream))
+                self._driver.post(_Abort(request_id, stream))
 
     async def compile_grammar(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """Compile a structured-output spec in the engine's bounded compile pool. Raises GrammarError
         (a ValueError: the spec is invalid, over a cap, or too slow to compile) or GrammarUnavailable
         (the pool is full or closed). Cancelling the caller drops a compile that has not started."""
-        with self._lock:
-            if self._closed:
+        with self._pool_lock:
+            if self._driver.closed:
                 raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
             if self._grammar_pool is None:
                 workers, waiting = self._grammar_pool_args
@@ -307,53 +291,25 @@ class AsyncEngine:
         return await pool.compile(spec, self.grammar_timeout)
 
     async def abort(self, request_id: str) -> None:
-        """Abort a request; applied before the next step. Its iterator ends with an ABORT output."""
-        self._enqueue(_Abort(request_id))
-
-    def _submit(self, command: _Add) -> None:
-        with self._lock:
-            if self._dead_error is not None:
-                raise EngineDeadError("the engine loop has died") from self._dead_error
-            if self._closed:
-                raise EngineDeadError("the engine has been shut down")
-            if self._thread is None:
-                raise RuntimeError("AsyncEngine.start() has not been called")
-            self._commands.put(command)
-
-    def _enqueue(self, command: _Abort) -> None:
-        with self._lock:
-            # After shutdown the thread aborts everything itself; an abort would go unread.
-            if not self._closed:
-                self._commands.put(command)
+        """Abort a request; applied before the next step. Its iterator ends with an ABORT output.
+        After shutdown it does nothing: the thread aborts everything itself."""
+        self._driver.post(_Abort(request_id))
 
     # ----------------------------------------------------------------- engine thread
-
-    def _run(self) -> None:
-        try:
-            self._serve()
-        except Exception as exc:  # a bug in the core: fail every request rather than hang them
-            logger.exception("engine loop failed; failing all in-flight requests")
-            self._die(exc)
-            self._serve_dead()
 
     def _serve(self) -> None:
         core = self.core
         while True:
             # Idle: block until a command comes (no spinning). Busy: take what is there and step.
-            commands = [self._commands.get()] if not core.has_unfinished() else []
-            while True:
-                try:
-                    commands.append(self._commands.get_nowait())
-                except queue.Empty:
-                    break
+            commands, stopping = self._driver.take(block=not core.has_unfinished())
             deliveries: _Deliveries = {}
             for command in commands:
-                if isinstance(command, _Shutdown):
-                    self._abort_all(deliveries)
-                    self._deliver(deliveries)
-                    self._stats = self._snapshot(self._streams)
-                    return
                 self._apply(command, deliveries)
+            if stopping:
+                self._abort_all(deliveries)
+                self._deliver(deliveries)
+                self._stats = self._snapshot(self._streams)
+                return
             if core.has_unfinished():
                 for output in core.step():
                     stream = self._streams.get(output.request_id)
@@ -398,9 +354,8 @@ class AsyncEngine:
             deliveries.setdefault(stream.loop, []).append((stream.queue, _Aborted()))
         self._streams.clear()
 
-    def _die(self, exc: Exception) -> None:
-        with self._lock:
-            self._dead_error = exc
+    def _fail_all(self, exc: Exception) -> None:
+        """The loop died (the driver has marked the engine dead): fail every request in flight."""
         deliveries: _Deliveries = {}
         for request_id, stream in self._streams.items():
             # One instance per request: an exception raised in several tasks would share a traceback.
@@ -416,24 +371,15 @@ class AsyncEngine:
         self._deliver(deliveries)
         self._stats = self._snapshot({})
 
-    def _serve_dead(self) -> None:
-        """After a failure: turn away requests that raced past the dead check, until shutdown."""
-        while True:
-            command = self._commands.get()
-            if isinstance(command, _Shutdown):
-                return
-            if isinstance(command, _Add):
-                error = EngineDeadError("the engine loop has died")
-                error.__cause__ = self._dead_error
-                self._deliver({command.stream.loop: [(command.stream.queue, error)]})
+    def _refuse(self, command: _Command, error: EngineDeadError) -> None:
+        """After a failure: a request that raced past the dead check gets the error; aborts are moot."""
+        if isinstance(command, _Add):
+            self._deliver({command.stream.loop: [(command.stream.queue, error)]})
 
-    def _deliver(self, deliveries: _Deliveries) -> None:
+    @staticmethod
+    def _deliver(deliveries: _Deliveries) -> None:
         for loop, items in deliveries.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:
-                # That event loop is closed: its consumers are gone and nobody reads these.
-                pass
+            call_in_loop(loop, _put_all, items)
 
     def _snapshot(self, streams: dict[str, _Stream]) -> EngineStats:
         core = self.core

@@ -7,9 +7,10 @@ the encoder in length-sorted, token-bounded batches (padding-free: see `heron.mo
 normalises and applies Matryoshka `dimensions`, and returns one `EmbeddingOutput` per input, in
 input order.
 
-`AsyncEmbeddingEngine` is its asyncio face for the HTTP layer: one dedicated thread runs every
-forward, so the event loop never stalls on torch, and inputs of requests that arrive while a batch
-runs are merged into the next batch (micro-batching), up to `max_batch_tokens` tokens per forward.
+`AsyncEmbeddingEngine` is its asyncio face for the HTTP layer: one dedicated thread (the same
+heron.engine.driver that runs the generation engine: lifecycle, queue, death) runs every forward,
+so the event loop never stalls on torch, and inputs of requests that arrive while a batch runs are
+merged into the next batch (micro-batching), up to `max_batch_tokens` tokens per forward.
 
 Truncation follows vLLM's `truncate_prompt_tokens`: None rejects an over-long input
 (`EmbeddingInputError`, a ValueError meant for a 400, like every input problem here), -1 truncates
@@ -23,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
-import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from heron.engine.async_engine import EngineDeadError
+from heron.engine.driver import EngineDriver, call_in_loop
+from heron.engine.errors import EngineDeadError
 from heron.models.bundled import default_embedding_model_path
 from heron.models.loader import LoadedModel, load_model
 from heron.models.pooling import Pooler, PoolingConfig
@@ -345,10 +345,6 @@ class _Job:
         return len(self.order) - self.next
 
 
-class _Shutdown:
-    """Queue item: fail what is pending and end the worker thread."""
-
-
 def _settle(future: asyncio.Future, result: object) -> None:
     """Runs on the job's event loop. A caller that was cancelled meanwhile no longer wants it."""
     if future.done():
@@ -366,6 +362,8 @@ class AsyncEmbeddingEngine:
     `max_batch_tokens` is reached; a request bigger than that spans several batches, and requests
     that arrive meanwhile join the batches after it. Validation (lengths, ids, truncation,
     dimensions) runs in `embed()` on the caller's side, so bad input raises ValueError at once.
+    A failed forward fails the requests in it and the worker goes on; a failure outside one kills
+    the worker: every request waiting, and every later one, gets EngineDeadError (`dead_error`).
     """
 
     def __init__(self, engine: EmbeddingEngine, max_batch_tokens: int | None = None):
@@ -373,35 +371,28 @@ class AsyncEmbeddingEngine:
         self.max_batch_tokens = max_batch_tokens or engine.max_batch_tokens
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
-        self._queue: queue.SimpleQueue[_Job | _Shutdown] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        # Guards the lifecycle flags together with enqueueing, so nothing slips in behind shutdown.
-        self._lock = threading.Lock()
-        self._closed = False
+        self._driver: EngineDriver[_Job] = EngineDriver(
+            thread_name="heron-embedding",
+            engine_name="the embedding engine",
+            owner="AsyncEmbeddingEngine",
+            serve=self._serve,
+            fail=self._fail_all,
+            refuse=self._deliver,
+        )
         self._stats = EmbeddingStats()
+        # Touched only by the worker thread: requests with inputs still to embed, oldest first.
+        self._pending: deque[_Job] = deque()
 
     # ----------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise EngineDeadError("the embedding engine has been shut down")
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="heron-embedding", daemon=True)
-            self._thread.start()
+        """Start the worker thread (idempotent); EngineDeadError after shutdown."""
+        self._driver.start()
 
     async def shutdown(self) -> None:
         """Stop the worker; requests still waiting fail with EngineDeadError."""
-        with self._lock:
-            thread = self._thread
-            if not self._closed:
-                self._closed = True
-                if thread is not None:
-                    self._queue.put(_Shutdown())
-        if thread is not None and thread.is_alive():
-            # The worker may be mid-batch: wait for it without blocking the event loop.
-            await asyncio.get_running_loop().run_in_executor(None, thread.join)
+        self._driver.close()
+        await self._driver.join()  # the worker may be mid-batch
 
     async def __aenter__(self) -> AsyncEmbeddingEngine:
         self.start()
@@ -416,7 +407,13 @@ class AsyncEmbeddingEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closed
+        """Started, not shut down and not dead."""
+        return self._driver.is_running
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        """The exception that killed the worker loop, if it died."""
+        return self._driver.dead_error
 
     # ----------------------------------------------------------------- requests
 
@@ -450,12 +447,7 @@ class AsyncEmbeddingEngine:
             order=sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i])),
             vectors=torch.empty(len(token_ids), self.engine.hidden_size, dtype=torch.float32),
         )
-        with self._lock:
-            if self._closed:
-                raise EngineDeadError("the embedding engine has been shut down")
-            if self._thread is None:
-                raise RuntimeError("AsyncEmbeddingEngine.start() has not been called")
-            self._queue.put(job)
+        self._driver.submit(job)
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -464,21 +456,15 @@ class AsyncEmbeddingEngine:
 
     # ----------------------------------------------------------------- worker thread
 
-    def _run(self) -> None:
-        pending: deque[_Job] = deque()
+    def _serve(self) -> None:
+        pending = self._pending
         while True:
             # Idle: block until a request comes. Busy: take whatever arrived during the last batch.
-            items = [] if pending else [self._queue.get()]
-            while True:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            for item in items:
-                if isinstance(item, _Shutdown):
-                    self._fail_all(pending, items)
-                    return
-                pending.append(item)
+            jobs, stopping = self._driver.take(block=not pending)
+            pending.extend(jobs)
+            if stopping:
+                self._fail_pending("the embedding engine has been shut down")
+                return
             self._drop_done(pending)  # callers that left while they waited
             if pending:
                 self._run_batch(self._take_batch(pending), pending)
@@ -555,20 +541,16 @@ class AsyncEmbeddingEngine:
 
     @staticmethod
     def _deliver(job: _Job, result: object) -> None:
-        try:
-            job.loop.call_soon_threadsafe(_settle, job.future, result)
-        except RuntimeError:
-            pass  # that event loop is closed: nobody is waiting for this any more
+        call_in_loop(job.loop, _settle, job.future, result)
 
-    def _fail_all(self, pending: deque[_Job], items: list[_Job | _Shutdown]) -> None:
-        jobs = list(pending) + [item for item in items if isinstance(item, _Job) and item not in pending]
-        # Requests that raced past the closed check are still in the queue.
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Job):
-                jobs.append(item)
-        for job in jobs:
-            self._deliver(job, EngineDeadError("the embedding engine has been shut down"))
+    def _fail_pending(self, message: str, cause: Exception | None = None) -> None:
+        for job in self._pending:
+            # One instance per request: an exception raised in several tasks would share a traceback.
+            error = EngineDeadError(message)
+            error.__cause__ = cause
+            self._deliver(job, error)
+        self._pending.clear()
+
+    def _fail_all(self, exc: Exception) -> None:
+        """The loop died (the driver has marked the engine dead): fail every request waiting."""
+        self._fail_pending(f"the embedding engine loop failed: {exc!r}", exc)

@@ -1,13 +1,18 @@
-"""The errors the engine raises about one request, as opposed to the engine itself.
+"""The errors the engine raises: about one request, or about the engine itself.
 
 RequestFailedError ends one request while every other request carries on: the core puts it on
 that request's final RequestOutput (`error`), and AsyncEngine.generate raises it from the
 request's iterator. `status` says whose fault it was (400: the request's own parameters, 500: the
 engine failed on it), `code` is a short machine-readable reason for the HTTP layer's error JSON.
-EngineDeadError (heron.engine.async_engine) is the other kind: the whole engine is gone.
+EngineDeadError is the other kind: the whole engine is gone (its loop failed, or it was shut down),
+raised by the async engines (heron.engine.driver) to every request in flight and every one after.
 """
 
 from __future__ import annotations
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop failed (or was shut down); it serves no more requests."""
 
 
 class RequestFailedError(Exception):

@@ -256,8 +256,7 @@ def sse_error(error: APIError) -> bytes:
 
 def request_error_from(exc: BaseException) -> APIError:
     """An exception raised while generating -> the APIError to send (in the body or the stream)."""
-    from heron.engine.async_engine import EngineDeadError
-    from heron.engine.errors import RequestFailedError
+    from heron.engine.errors import EngineDeadError, RequestFailedError
 
     if isinstance(exc, APIError):
         return exc

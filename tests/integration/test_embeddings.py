@@ -1,6 +1,6 @@
 """The encoder path on the bundled all-MiniLM-L6-v2: parity with sentence-transformers' `encode`,
 batch independence, truncation, input errors, Matryoshka `dimensions`, and the async engine's
-micro-batching (merged batches, the event loop kept free, cancellation, shutdown).
+micro-batching (merged batches, the event loop kept free, cancellation, shutdown, a dying worker).
 
 sentence-transformers is a test-only reference; it loads the model from the bundled package
 directory with the hub switched off.
@@ -318,6 +318,30 @@ def test_async_shutdown_fails_queued_requests_and_refuses_new_ones(engine):
     outcomes = run_async(main)
     assert any(isinstance(o, EngineDeadError) for o in outcomes), outcomes
     assert all(isinstance(o, (EngineDeadError, list)) for o in outcomes)
+
+
+def test_a_failing_worker_fails_its_requests_and_refuses_new_ones(engine, monkeypatch):
+    ids = engine.tokenize(["some text to embed"] * 4)
+
+    async def main():
+        aengine = AsyncEmbeddingEngine(engine)
+
+        def take_batch_failing(pending):
+            raise RuntimeError("injected worker failure")
+
+        monkeypatch.setattr(aengine, "_take_batch", take_batch_failing)
+        async with aengine:
+            outcomes = await asyncio.gather(*(aengine.embed(ids) for _ in range(3)), return_exceptions=True)
+            # Dead for good: a new request fails at once, and the server's health check sees it.
+            with pytest.raises(EngineDeadError):
+                await asyncio.wait_for(aengine.embed(ids), 1.0)
+            return outcomes, aengine.is_running, aengine.dead_error
+
+    outcomes, running, dead_error = run_async(main)
+    for outcome in outcomes:
+        assert isinstance(outcome, EngineDeadError), outcome
+        assert isinstance(outcome.__cause__, RuntimeError) and "injected" in str(outcome.__cause__)
+    assert not running and isinstance(dead_error, RuntimeError)
 
 
 def test_async_requires_start(engine):
