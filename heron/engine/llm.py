@@ -13,6 +13,7 @@ from typing import Any
 
 from heron.config import DEFAULT_MAX_NUM_SEQS, CacheConfig, SchedulerConfig
 from heron.engine.core import EngineCore
+from heron.env import env_settings
 from heron.models.chat_template import ChatTemplate
 from heron.models.loader import load_model
 from heron.outputs import RequestOutput
@@ -37,6 +38,7 @@ class LLM:
         chat_template: str | None = None,
         progress: bool = True,
     ):
+        env_settings()  # the environment switches, read now: a bad value fails here on any device
         self.loaded = load_model(model, dtype=dtype, device=device, progress=progress)
         self.tokenizer = self.loaded.tokenizer
         self.engine = EngineCore(

@@ -217,7 +217,10 @@ def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> Serve
 
 def load_served_models(settings: ServerSettings, progress: bool = True) -> ModelRegistry:
     """The positional model (or the two bundled ones) and every `--model`, loaded and started."""
+    from heron.env import env_settings
     from heron.models.loader import load_model
+
+    env_settings()  # the environment switches, read now: a bad value fails start-up on any device
 
     # The positional model (default: the bundled chat model) always; the bundled embedding model
     # when no positional model is named; then every --model.
