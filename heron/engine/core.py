@@ -103,6 +103,7 @@ class EngineCore:
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler.finish_request)
         self._grammar_compiler = GrammarCompiler(self.tokenizer, arch.vocab_size, self.eos_token_ids, limits=grammar_limits)
         self._grammar_masks: GrammarBitmask | None = None  # made when the first grammar request runs
+        self._closed = False
 
     @property
     def max_model_len(self) -> int:
@@ -174,7 +175,19 @@ class EngineCore:
         """Stop a request and free its KV blocks now. Returns False if it was unknown or done."""
         return self.output_processor.end(request_id)
 
+    def shutdown(self) -> None:
+        """Release the executor's workers (and their KV caches) and the grammar-mask thread. Called
+        by whoever made the core, once nothing steps it any more (the server, at exit); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.executor.shutdown()
+        if self._grammar_masks is not None:
+            self._grammar_masks.close()
+
     def step(self) -> list[RequestOutput]:
+        if self._closed:
+            raise RuntimeError("the engine core has been shut down")
         out = self.scheduler.schedule()
         if not out.num_scheduled_tokens:
             return []

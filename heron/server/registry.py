@@ -86,6 +86,9 @@ class ModelRegistry:
     async def shutdown(self) -> None:
         for model in self.models:
             await model.engine.shutdown()
+            if model.kind == "generate":
+                # The engine thread has ended: nothing steps the core any more.
+                model.engine.core.shutdown()
 
     def close_now(self) -> None:
         """Stop every engine thread from synchronous code (start-up failed half way)."""

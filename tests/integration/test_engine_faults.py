@@ -322,3 +322,16 @@ def test_a_scheduler_failure_still_kills_the_async_engine(core, prompt, monkeypa
     assert isinstance(result, EngineDeadError)
     assert isinstance(engine.dead_error, RuntimeError) and "injected" in str(engine.dead_error)
     assert not engine.is_running
+
+
+def test_shutdown_releases_the_worker_and_later_steps_are_refused(loaded, prompt):
+    own = make_core(loaded, num_blocks=8)
+    own.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=2))
+    while own.has_unfinished():
+        own.step()
+    assert own.executor.runner is not None
+    own.shutdown()
+    assert own.executor.runner is None  # its KV cache tensors go with it
+    with pytest.raises(RuntimeError, match="shut down"):
+        own.step()
+    own.shutdown()  # a second call changes nothing
