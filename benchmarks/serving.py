@@ -120,6 +120,8 @@ class HeronServer:
         ]
         if args.dtype:
             self.serve_args += ["--dtype", args.dtype]
+        if args.max_num_batched_tokens:
+            self.serve_args += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
         self.serve_args += args.server_arg
         self.cmd = source_trees.heron_cli_command() + self.serve_args
         self.proc: subprocess.Popen | None = None
@@ -179,7 +181,9 @@ def offline_worker(args: argparse.Namespace) -> None:
     from heron import LLM, SamplingParams
 
     spec = json.loads(sys.stdin.read())
-    llm = LLM(dtype=args.dtype or "auto", max_num_seqs=args.max_num_seqs, progress=False)
+    # The step budget only when given: a tree's own default is what "as configured" means.
+    budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+    llm = LLM(dtype=args.dtype or "auto", max_num_seqs=args.max_num_seqs, progress=False, **budget)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
 
     def generate(prompts: list[str], p: SamplingParams):
@@ -220,6 +224,8 @@ def run_offline(
     ]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     proc = subprocess.run(cmd, input=json.dumps(spec), stdout=subprocess.PIPE, text=True, env=tree.env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -339,7 +345,8 @@ def report(args, target: str, runs: list[TreeRuns], load_start: str) -> None:
         f"Machine: {machine_description()}; load avg at start {load_start}, at end {loadavg()}. "
         f"Server: {target}; model: {runs[0].model or 'unknown'}. "
         f"Endpoint /v1/{'chat/completions' if args.endpoint == 'chat' else 'completions'}, streaming, "
-        f"max_tokens={args.max_tokens}, {eos}, temperature=0, {amount}, max_num_seqs={args.max_num_seqs}. "
+        f"max_tokens={args.max_tokens}, {eos}, temperature=0, {amount}, max_num_seqs={args.max_num_seqs}, "
+        f"max_num_batched_tokens={args.max_num_batched_tokens or 'each tree default'}. "
         + (f"Offline: heron.LLM, batch = concurrency, {offline}." if offline else "Offline: not measured.")
     )
     print(source_trees.header([run.tree for run in runs], {run.tree.name: run.heron_files for run in runs}))
@@ -394,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per request")
     parser.add_argument("--max-num-seqs", type=int, default=None,
                         help="server and offline engine (default: the largest concurrency)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="step token budget of the server and offline engine (default: theirs; give it when "
+                             "comparing with a baseline whose default differs)")
     parser.add_argument("--dtype", default=None, help="passed to heron serve and the offline engine (default: theirs)")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for heron serve (repeatable)")
     parser.add_argument("--startup-timeout", type=float, default=300)

@@ -20,7 +20,7 @@ change, `git worktree add ../base HEAD~1`), each Heron cell (not transformers, n
 from DIR's heron, this tree then the baseline on each repeat, and the report adds the baseline's rows and
 "this tree / baseline" ratios of the median tokens/s; the header names both revisions.
 Usage: python benchmarks/throughput.py [--num-prompts 64] [--max-tokens 128] [--dtype auto] [--repeats 1]
-                                       [--baseline DIR]
+                                       [--baseline DIR] [--max-num-batched-tokens N]
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def peak_rss_mib() -> float:
 def run_heron(args) -> dict:
     from heron import LLM, SamplingParams
 
-    llm = LLM(dtype=args.dtype, max_num_seqs=max(args.num_prompts, 1), progress=False)
+    # The step budget only when given: a tree's own default is what "as configured" means.
+    budget = {"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}
+    llm = LLM(dtype=args.dtype, max_num_seqs=max(args.num_prompts, 1), progress=False, **budget)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     prompts = make_prompts(args.num_prompts)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
@@ -178,6 +180,8 @@ def spawn(system: str, mode: str, args, tree: Tree) -> dict | None:
         sys.executable, __file__, "--worker", system, "--mode", mode,
         "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
     ]
+    if args.max_num_batched_tokens:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=tree.env())
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -235,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="Heron's step token budget (default: the tree's own; give it when comparing with a "
+                             "baseline whose default differs)")
     parser.add_argument("--baseline", metavar="DIR", default=None,
                         help="another Heron checkout: its heron runs the Heron cells too, interleaved with this tree's")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -304,7 +311,8 @@ def main() -> None:
 
     run_path = plan_run_path(default_chat_model_path(), args.dtype, resolve_device("cpu"))
     print(f"\nSmolLM2-135M-Instruct, dtype={args.dtype}, {args.max_tokens} tokens per request, ignore_eos, "
-          f"{os.cpu_count()} CPU threads, median of {args.repeats}")
+          f"{os.cpu_count()} CPU threads, median of {args.repeats}, "
+          f"step budget {args.max_num_batched_tokens or 'each tree default'}")
     print(f"CPU: {machine_description()}")
     print(source_trees.header(tree_list, heron_files))
     print(f"Heron's default path: {run_path.describe()}\n")
