@@ -3,7 +3,9 @@
 Both embed the same texts with the bundled all-MiniLM-L6-v2 in fp32 on the same torch threads,
 from strings (tokenisation included) to normalised vectors, truncating at 256 tokens the way
 sentence-transformers does. Batch 1 embeds the texts one call at a time; batch N embeds N texts
-per call (sentence-transformers with `batch_size=N`). The two systems take turns call by call so
+per call (sentence-transformers with `batch_size=N`). "Heron, async" makes the same calls through
+AsyncEmbeddingEngine (the server's path: its engine thread, queue and hand-back to the event loop)
+over the same engine; its ratio to the direct calls is what that machinery costs. The two systems take turns call by call so
 that noise from other work on the machine hits both alike; each figure is the median over the runs.
 Prints a Markdown table with Heron / sentence-transformers ratios.
 
@@ -13,6 +15,7 @@ Usage: python benchmarks/embeddings.py [--runs 5] [--batch 64] [--num-single 16]
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import time
@@ -56,7 +59,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from heron.engine.embedding import EmbeddingEngine
+    from heron.engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
     from heron.models.bundled import default_embedding_model_path
 
     if args.threads:
@@ -69,6 +72,15 @@ def main() -> None:
 
     def heron_embed(texts: list[str]) -> None:
         heron.embed(heron.tokenize(texts, truncate_prompt_tokens=-1, truncation_side="right"))
+
+    # One event loop for every async call, as a server has; the engine thread starts once.
+    loop = asyncio.new_event_loop()
+    async_heron = AsyncEmbeddingEngine(heron)
+    async_heron.start()
+
+    def heron_async_embed(texts: list[str]) -> None:
+        ids = heron.tokenize(texts, truncate_prompt_tokens=-1, truncation_side="right")
+        loop.run_until_complete(async_heron.embed(ids))
 
     def st_embed(texts: list[str]) -> None:
         st.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False)
@@ -84,7 +96,7 @@ def main() -> None:
         "single": (1, [[t] for t in singles]),
         "batch": (args.batch, batches),
     }
-    systems = {"Heron": heron_embed, "sentence-transformers": st_embed}
+    systems = {"Heron": heron_embed, "Heron, async": heron_async_embed, "sentence-transformers": st_embed}
 
     for embed in systems.values():  # warm-up: first-call allocations, oneDNN kernel selection
         embed(singles[:4])
@@ -98,13 +110,19 @@ def main() -> None:
         for case, (_, calls) in cases.items():
             totals = dict.fromkeys(names, 0.0)
             for i, texts in enumerate(calls):
-                for name in names if (run + i) % 2 == 0 else names[::-1]:
+                # Rotate who goes first, so that no system always follows the same one.
+                shift = (run + i) % len(names)
+                for name in names[shift:] + names[:shift]:
                     totals[name] += _time(lambda: systems[name](texts))
             for name, total in totals.items():
                 seconds.setdefault((case, name), []).append(total)
 
+    import heron as heron_package
+    from heron.bench import machine_description
+
+    print(f"\nCPU: {machine_description()}\nheron from: {os.path.dirname(heron_package.__file__)}")
     print(
-        f"\nall-MiniLM-L6-v2, fp32, {torch.get_num_threads()} torch threads, median of {args.runs} runs; "
+        f"all-MiniLM-L6-v2, fp32, {torch.get_num_threads()} torch threads, median of {args.runs} runs; "
         f"batch-1 corpus {len(singles)} texts / {token_counts['single']} tokens, "
         f"batch-{args.batch} corpus {args.batch * len(batches)} texts / {token_counts['batch']} tokens\n"
     )
@@ -121,11 +139,17 @@ def main() -> None:
             t = medians[name]
             ratios = (
                 f"{medians[st_name] / t:.2f}x | {bests[st_name] / bests[name]:.2f}x"
-                if name == "Heron"
+                if name != st_name
                 else "1.00x | 1.00x"
             )
             rates = f"{num_inputs / t:,.1f} | {token_counts[case] / t:,.0f}"
             print(f"| {batch_size} | {name} | {rates} | {ratios} |")
+    print()
+    for case, (batch_size, _) in cases.items():
+        direct, through = (statistics.median(seconds[(case, n)]) for n in ("Heron", "Heron, async"))
+        print(f"Heron async / direct, batch {batch_size}, throughput (median): {direct / through:.3f}x")
+    loop.run_until_complete(async_heron.shutdown())
+    loop.close()
 
 
 if __name__ == "__main__":
