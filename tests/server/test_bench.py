@@ -4,7 +4,7 @@ One tiny run (concurrency 1 and 2, two requests per client, four tokens each) mu
 report.md (a table row per level with nonzero tokens/s), results.json (every request recorded, all
 successful) and three real PNG plots. A run against a port where nothing listens must fail at once
 with a clear message and write nothing. Report details, --compare and the no-matplotlib path are
-covered in-process by tests/unit/test_bench.py.
+covered in-process by tests/unit/test_bench_report.py.
 """
 
 from __future__ import annotations
