@@ -79,7 +79,14 @@ class CpuKernelOps(DecoderOps):
         for x in (q, k):
             if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
                 raise ValueError("rotate: each row's heads must lie contiguous")
-            kernels.rotary_(x, x.shape[1], x.shape[2], *rope)
+        if k.stride(0) == q.stride(0) and k.data_ptr() == q.data_ptr() + q[0].numel() * q.element_size():
+            # K's heads follow Q's in each row (Llama's fused projection): one call for both. Each
+            # native call gives the GIL up and must win it back, which costs up to the switch
+            # interval per call while other threads (grammar compiles) run Python.
+            kernels.rotary_(q, q.shape[1] + k.shape[1], q.shape[2], *rope)
+        else:
+            for x in (q, k):
+                kernels.rotary_(x, x.shape[1], x.shape[2], *rope)
         return q, k
 
     def gated_act(self, gate_up: torch.Tensor) -> torch.Tensor:
