@@ -112,11 +112,6 @@ class ModelRunner:
                 forwarded = exc
         return self._commit(self._one_at_a_time(out, forwarded, masks))
 
-    def execute(self, out: SchedulerOutput, grammar: GrammarOutput | None = None) -> ModelRunnerOutput:
-        """Both halves of a step, for callers that have the masks up front."""
-        self.execute_model(out)
-        return self.sample_tokens(grammar)
-
     def _one_at_a_time(self, out: SchedulerOutput, batch_error: Exception, masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
         logger.warning("a step of %d requests failed (%r); running them one at a time", len(out.num_scheduled_tokens), batch_error)
         for generator, state in self._generator_states:
