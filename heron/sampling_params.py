@@ -86,10 +86,9 @@ class StructuredOutputsParams:
             raise ValueError("choice must be a non-empty list of strings")
 
     def cache_key(self) -> str:
-        """A canonical text of the spec, for caching compiled grammars."""
-        return json.dumps(
-            [self.json, self.json_object, self.regex, self.choice, self.grammar, self.strict], sort_keys=True
-        )
+        """The spec as one text, for caching compiled grammars. Keys keep their order: a schema's
+        property order is the order the output writes them in, so `{a, b}` and `{b, a}` differ."""
+        return json.dumps([self.json, self.json_object, self.regex, self.choice, self.grammar, self.strict])
 
 
 @dataclass

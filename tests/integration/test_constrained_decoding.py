@@ -188,11 +188,30 @@ def test_compiler_lenient_json_ignores_unsupported_keywords(compiler):
 
 def test_compiler_caches_by_spec(compiler):
     a = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"x": {"type": "integer"}}}))
+    again = compiler.compile(StructuredOutputsParams(json={"type": "object", "properties": {"x": {"type": "integer"}}}))
     b = compiler.compile(StructuredOutputsParams(json='{"type": "object", "properties": {"x": {"type": "integer"}}}'))
-    c = compiler.compile(StructuredOutputsParams(json={"properties": {"x": {"type": "integer"}}, "type": "object"}))
-    assert a is c  # same schema, keys in another order
+    assert again is a  # an equal schema, another dict
     assert b is not a  # JSON text is keyed as text
     assert a.matcher() is not a.matcher()  # every sequence gets its own state
+
+
+def test_property_order_is_the_schemas_own_cached_or_not(core, chat):
+    # The output writes properties in the schema's order (as OpenAI's structured outputs do), so
+    # the cache must not take {beta, alpha} for the {alpha, beta} compiled before it.
+    prompt = chat("Give two small numbers as JSON.")
+
+    def schema(order: list[str]) -> dict:
+        return {
+            "type": "object",
+            "properties": {name: {"type": "integer", "minimum": 0, "maximum": 9} for name in order},
+            "required": ["alpha", "beta"],
+            "additionalProperties": False,
+        }
+
+    for order in (["alpha", "beta"], ["beta", "alpha"]):
+        params = SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=schema(order)))
+        text = generate(core, {"r": (prompt, params)})["r"].outputs[0].text
+        assert list(json.loads(text)) == order, text
 
 
 def test_bitmask_matches_llguidance_per_token(loaded, compiler):
