@@ -172,6 +172,10 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         template = None
     parser = settings.tool_call_parser or detect_tool_parser(template.source if template is not None else None)
     get_tool_parser(parser)  # an unknown name fails at start-up, not on the first tool request
+    try:
+        core.grammar_compiler.prepare()
+    except Exception as exc:  # noqa: BLE001 - text generation still works; structured requests will say why
+        logger.warning("structured outputs cannot use this tokenizer: %s", exc)
     engine = AsyncEngine(
         core,
         grammar_workers=settings.grammar_compile_workers,

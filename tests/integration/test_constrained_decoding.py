@@ -8,6 +8,7 @@ and GrammarBitmask are checked directly against llguidance's own single-matcher 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -19,6 +20,8 @@ from heron.models.chat_template import ChatTemplate
 from heron.models.loader import LoadedModel, load_model
 from heron.outputs import FinishReason
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
+from heron.server.registry import serve_generation
+from heron.server.settings import ServerSettings
 from heron.structured import GrammarCompiler, GrammarError
 from heron.structured.bitmask import GrammarBitmask
 from heron.worker.sampler import unpack_bitmask
@@ -179,6 +182,16 @@ def compiler(loaded) -> GrammarCompiler:
 def test_compiler_refuses_with_a_reason(compiler, spec, message):
     with pytest.raises(GrammarError, match=re.escape(message)):
         compiler.compile(spec)
+
+
+def test_a_served_model_builds_its_grammar_vocabulary_at_start_up(loaded):
+    # Built by the first compile instead, it held the GIL ~0.4 s: every stream stalled that long.
+    assert not GrammarCompiler(loaded.tokenizer, loaded.arch_config.vocab_size, loaded.eos_token_ids).prepared
+    served = serve_generation(loaded, [], ServerSettings())
+    try:
+        assert served.engine.core.grammar_compiler.prepared
+    finally:
+        asyncio.run(served.engine.shutdown())
 
 
 def test_compiler_lenient_json_ignores_unsupported_keywords(compiler):
