@@ -567,32 +567,46 @@ def _generation_time(client: httpx.Client) -> float:
     return time.perf_counter() - started
 
 
-def test_eight_large_compiles_do_not_slow_other_requests_by_more_than_20_percent(compiling):
-    with httpx.Client(base_url=compiling.base_url, timeout=120) as client:
-        _generation_time(client), _embedding_latency(client)  # warm
-        base_gen = statistics.median(_generation_time(client) for _ in range(3))
-        base_emb = statistics.median(_embedding_latency(client) for _ in range(7))
-        results: list[int] = []
+def _compile_burst_round(client: httpx.Client, base_url: str) -> tuple[float, float, float, float]:
+    """(base generation, busy generation, base embedding, busy embedding) seconds, each a median,
+    busy meaning while eight large grammars compile."""
+    base_gen = statistics.median(_generation_time(client) for _ in range(3))
+    base_emb = statistics.median(_embedding_latency(client) for _ in range(7))
+    results: list[int] = []
 
-        def compile_one() -> None:
-            with httpx.Client(base_url=compiling.base_url, timeout=120) as own:
-                # One token: what is measured is the compile, not these requests' decoding beside it.
-                body = _schema_body(_wide_schema(3500), max_tokens=1)
-                results.append(own.post("/v1/chat/completions", json=body).status_code)
+    def compile_one() -> None:
+        with httpx.Client(base_url=base_url, timeout=120) as own:
+            # One token: what is measured is the compile, not these requests' decoding beside it.
+            body = _schema_body(_wide_schema(3500), max_tokens=1)
+            results.append(own.post("/v1/chat/completions", json=body).status_code)
 
-        compilers = [threading.Thread(target=compile_one) for _ in range(8)]
-        for thread in compilers:
-            thread.start()
-        time.sleep(0.5)  # the compiles are under way
-        busy_gen = statistics.median(_generation_time(client) for _ in range(3))
-        busy_emb = statistics.median(_embedding_latency(client) for _ in range(7))
-        still_compiling = any(thread.is_alive() for thread in compilers)
-        for thread in compilers:
-            thread.join(timeout=120)
+    compilers = [threading.Thread(target=compile_one) for _ in range(8)]
+    for thread in compilers:
+        thread.start()
+    time.sleep(0.5)  # the compiles are under way
+    busy_gen = statistics.median(_generation_time(client) for _ in range(3))
+    busy_emb = statistics.median(_embedding_latency(client) for _ in range(7))
+    still_compiling = any(thread.is_alive() for thread in compilers)
+    for thread in compilers:
+        thread.join(timeout=120)
     assert still_compiling, "the compiles ended before the measurement: it measured nothing"
     assert results == [200] * 8, results
-    assert busy_gen <= 1.2 * base_gen, (busy_gen, base_gen)
-    assert busy_emb <= max(1.2 * base_emb, base_emb + 0.02), (busy_emb, base_emb)
+    return base_gen, busy_gen, base_emb, busy_emb
+
+
+def test_eight_large_compiles_do_not_slow_other_requests_by_more_than_20_percent(compiling):
+    # Three rounds, each its own eight fresh schemas, and the median round decides: on a quiet
+    # two-core machine the median of three 32-token generations alone drifts by up to 20% from
+    # one second to the next, so one round against a 20% bound measured the machine as much as
+    # the compiles.
+    with httpx.Client(base_url=compiling.base_url, timeout=120) as client:
+        _generation_time(client), _embedding_latency(client)  # warm
+        rounds = [_compile_burst_round(client, compiling.base_url) for _ in range(3)]
+    gen_ratio = statistics.median(busy / base for base, busy, _, _ in rounds)
+    assert gen_ratio <= 1.2, rounds
+    # Embeddings take ~15 ms: 20% or 20 ms, whichever is more, of the round's own base.
+    emb_excess = statistics.median(busy / max(1.2 * base, base + 0.02) for _, _, base, busy in rounds)
+    assert emb_excess <= 1.0, rounds
 
 
 def _cpu_seconds(pid: int) -> float:
