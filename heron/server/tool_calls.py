@@ -132,16 +132,65 @@ def tool_schemas_to_check(plan: ToolPlan) -> list[tuple[str, StructuredOutputsPa
     return specs
 
 
-def _closed(schema: dict[str, Any]) -> dict[str, Any]:
-    """The arguments schema without room for keys it does not name, unless it asks for them.
+# Where JSON Schema keeps subschemas: a keyword whose value is one schema, a map of them or a list
+# of them. Values under other keywords (const, enum, default, examples) are data, never walked.
+_ONE_SCHEMA = (
+    "items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+    "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
+)
+_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+# An object that takes keys from elsewhere too: closing it would refuse keys it means to allow.
+_COMPOSES = ("allOf", "anyOf", "oneOf", "$ref", "if", "patternProperties", "unevaluatedProperties", "dependentSchemas")
+
+
+def _subschemas(root: dict[str, Any]):
+    """(schema, may_close) for `root` and every subschema in it, iteratively (no recursion limit).
+
+    A member of allOf, or of anyOf/oneOf beside the parent's own properties, is one part of an
+    object whose keys the parts name together: it may not be closed on its own.
+    """
+    stack: list[tuple[Any, bool]] = [(root, True)]
+    while stack:
+        node, may_close = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        yield node, may_close
+        for key in _ONE_SCHEMA:
+            if isinstance(node.get(key), dict):
+                stack.append((node[key], True))
+        for key in _SCHEMA_MAP:
+            if isinstance(node.get(key), dict):
+                stack.extend((child, True) for child in node[key].values())
+        for key in _SCHEMA_LIST:
+            if isinstance(node.get(key), list):
+                whole = key in ("prefixItems", "items") or (key != "allOf" and "properties" not in node)
+                stack.extend((child, whole) for child in node[key])
+
+
+def _closed(schema: dict[str, Any], ref_root: str | None = None) -> dict[str, Any]:
+    """A copy of an arguments schema whose objects have no room for keys they do not name, unless
+    they ask for it; with `ref_root`, its local `$ref`s rewritten to point below that pointer.
 
     JSON Schema lets an object carry any extra key by default; a small model given that freedom
-    invents keys (and can go on inventing them until max_tokens). OpenAI's strict mode closes
-    objects the same way.
+    invents keys (and can go on inventing them until max_tokens), at any depth. OpenAI's strict
+    mode closes objects the same way. An object that composes its keys (allOf, $ref, ...) stays
+    as it is.
     """
-    if schema.get("type") == "object" and "additionalProperties" not in schema and "properties" in schema:
-        return {**schema, "additionalProperties": False}
-    return schema
+    copied = json.loads(json.dumps(schema))  # no recursion here: the request's JSON already parsed
+    for node, may_close in _subschemas(copied):
+        if (
+            may_close
+            and node.get("type") == "object"
+            and "properties" in node
+            and "additionalProperties" not in node
+            and not any(key in node for key in _COMPOSES)
+        ):
+            node["additionalProperties"] = False
+        ref = node.get("$ref")
+        if ref_root is not None and isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+            node["$ref"] = "#" + ref_root + ref[1:]
+    return copied
 
 
 def tool_constraint(plan: ToolPlan) -> StructuredOutputsParams | None:
@@ -151,18 +200,22 @@ def tool_constraint(plan: ToolPlan) -> StructuredOutputsParams | None:
         return StructuredOutputsParams(json=_closed(plan.parameters(plan.named)), strict=strict)
     if plan.mode != "required":
         return None
+    # Each tool's parameters go under the wrapper's $defs, their `#/...` refs rewritten to match:
+    # nested in place, a tool's `#/$defs/X` (every pydantic model with a nested model or an Enum)
+    # would resolve against the wrapper's root and fail.
+    defs = {f"tool_{i}": _closed(plan.parameters(name), f"/$defs/tool_{i}") for i, name in enumerate(plan.names)}
     one_call = {
         "anyOf": [
             {
                 "type": "object",
-                "properties": {"name": {"const": name}, "arguments": _closed(plan.parameters(name))},
+                "properties": {"name": {"const": name}, "arguments": {"$ref": f"#/$defs/tool_{i}"}},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for name in plan.names
+            for i, name in enumerate(plan.names)
         ]
     }
-    schema: dict[str, Any] = {"type": "array", "items": one_call, "minItems": 1}
+    schema: dict[str, Any] = {"$defs": defs, "type": "array", "items": one_call, "minItems": 1}
     if not plan.parallel:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema, strict=strict)

@@ -11,6 +11,7 @@ every body and chunk is checked against OpenAI's spec by the client's transport 
 
 from __future__ import annotations
 
+import enum
 import json
 from typing import Any
 
@@ -251,6 +252,40 @@ def test_sdk_parse_with_a_strict_pydantic_tool(oai):
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
     assert isinstance(call.function.parsed_arguments, GetWeather)
     assert call.function.parsed_arguments.city == "Zürich"  # non-ASCII arguments survive intact
+
+
+def test_required_with_a_pydantic_tool_whose_schema_uses_defs(oai):
+    # A nested model and an Enum put `$defs` and `$ref`s in the parameters (as openai-agents'
+    # @function_tool, LiteLLM and LlamaIndex send them): `required` nests each tool inside one
+    # wrapper schema, where those refs must still resolve.
+    class Unit(str, enum.Enum):
+        celsius = "celsius"
+        fahrenheit = "fahrenheit"
+
+    class Place(pydantic.BaseModel):
+        city: str
+        country: str
+
+    class GetWeather(pydantic.BaseModel):
+        """Get the current weather in a place"""
+
+        place: Place
+        unit: Unit
+
+    tool = openai.pydantic_function_tool(GetWeather, name="get_weather")
+    assert "$defs" in tool["function"]["parameters"]
+    completion = chat(
+        oai, messages=[{"role": "user", "content": "What's the weather in Paris, France?"}],
+        tools=[tool], tool_choice="required", max_tokens=60,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    GetWeather.model_validate(arguments)  # what the SDK's parse would do with it
+    assert set(arguments["place"]) == {"city", "country"}  # the nested object is closed too
+
 
 
 # =============================================================================================

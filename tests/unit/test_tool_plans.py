@@ -123,6 +123,78 @@ def test_required_constraint_accepts_lists_of_offered_calls():
     assert tool_constraint(plan_tools(request(tools=[WEATHER]), "hermes")) is None  # auto is not constrained
 
 
+SEARCH_HOTELS = {  # the shape pydantic gives a model with a nested model: $defs and a $ref
+    "type": "function",
+    "function": {
+        "name": "search_hotels",
+        "parameters": {
+            "$defs": {"F": {"type": "object", "properties": {"max_price": {"type": "number"}}}},
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "filters": {"$ref": "#/$defs/F"}},
+            "required": ["city", "filters"],
+        },
+    },
+}
+TREE = {  # recursive through the root
+    "type": "function",
+    "function": {
+        "name": "plant",
+        "parameters": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+            "required": ["name"],
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_keeps_each_tools_refs_pointing_into_its_own_schema(parallel):
+    plan = plan_tools(request(tools=[WEATHER, SEARCH_HOTELS, TREE], tool_choice="required", parallel_tool_calls=parallel), "hermes")
+    schema = tool_constraint(plan).json
+    good = [
+        {"name": "search_hotels", "arguments": {"city": "Rome", "filters": {"max_price": 120}}},
+        {"name": "plant", "arguments": {"name": "oak", "children": [{"name": "acorn", "children": []}]}},
+    ]
+    for call in good:
+        jsonschema.validate([call], schema)  # a ref resolving against the wrapper would raise here
+    for bad in (
+        {"name": "search_hotels", "arguments": {"city": "Rome", "filters": {"max_price": "cheap"}}},
+        {"name": "search_hotels", "arguments": {"city": "Rome", "filters": {"max_price": 1, "stars": 5}}},  # nested, closed
+        {"name": "plant", "arguments": {"name": "oak", "children": [{"children": []}]}},  # the recursion checks too
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([bad], schema)
+    assert SEARCH_HOTELS["function"]["parameters"]["properties"]["filters"] == {"$ref": "#/$defs/F"}  # the request is not changed
+
+
+def test_nested_objects_are_closed_unless_they_compose_their_keys():
+    parameters = {
+        "type": "object",
+        "properties": {
+            "open": {"type": "object", "properties": {"a": {"type": "string"}}, "additionalProperties": True},
+            "nested": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "listed": {"type": "array", "items": {"type": "object", "properties": {"a": {"type": "string"}}}},
+            "parts": {"allOf": [
+                {"type": "object", "properties": {"a": {"type": "string"}}},
+                {"type": "object", "properties": {"b": {"type": "string"}}},
+            ]},
+            "either": {"anyOf": [
+                {"type": "object", "properties": {"a": {"type": "string"}}},
+                {"type": "string"},
+            ]},
+            "data": {"type": "object", "const": {"properties": {"x": 1}, "type": "object"}},
+        },
+    }
+    tool = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    schema = tool_constraint(plan_tools(request(tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}}), "hermes")).json
+    jsonschema.validate({"open": {"a": "x", "more": 1}, "parts": {"a": "x", "b": "y"}}, schema)
+    for invented in ({"nested": {"a": "x", "b": 1}}, {"listed": [{"b": 1}]}, {"either": {"b": 1}}, {"x": 1}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(invented, schema)
+    assert schema["properties"]["data"]["const"] == {"properties": {"x": 1}, "type": "object"}  # data is not a schema
+
+
 HISTORY = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
