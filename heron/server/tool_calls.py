@@ -224,13 +224,40 @@ def tool_constraint(plan: ToolPlan) -> StructuredOutputsParams | None:
 # ----------------------------------------------------------------------------------- prompt
 
 
+def _example_value(schema: Any) -> Any:
+    """A plain value of the schema's type, for the format example (no nesting beyond one level)."""
+    if not isinstance(schema, dict):
+        return "example"
+    for key in ("const", "default"):
+        if key in schema:
+            return schema[key]
+    for key in ("enum", "examples"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema[key][0]
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    return {"integer": 1, "number": 1.5, "boolean": True, "array": [], "object": {}, "null": None}.get(kind, "example")
+
+
+def _example_call(tool: dict[str, Any]) -> dict[str, Any]:
+    """A concrete call of `tool`: a placeholder like "<function name>" the bundled model copied
+    verbatim, so the example names the real function and fills its required parameters."""
+    function = tool["function"]
+    parameters = function.get("parameters") or {}
+    properties = parameters.get("properties") if isinstance(parameters.get("properties"), dict) else {}
+    listed = parameters.get("required") if isinstance(parameters.get("required"), list) else []
+    required = [name for name in listed if isinstance(name, str) and name in properties]
+    names = required or list(properties)[:1]
+    return {"name": function["name"], "arguments": {name: _example_value(properties[name]) for name in names}}
+
+
 def _instruction(plan: ToolPlan) -> str:
     listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in plan.tools)
     return (
         "You can call functions to help answer the user. The functions, with their parameters as JSON Schema:\n"
         f"<tools>\n{listing}\n</tools>\n"
-        "To call functions, reply with nothing but the calls as a JSON list in tags:\n"
-        '<tool_call>[{"name": "<function name>", "arguments": {<the arguments as a JSON object>}}]</tool_call>\n'
+        "To call functions, reply with nothing but the calls as a JSON list in tags, like this:\n"
+        f"<tool_call>{json.dumps([_example_call(plan.tools[0])], ensure_ascii=False)}</tool_call>\n"
         "Each result comes back in a message that starts with 'Function result:'. If no function is needed, "
         "answer normally."
     )

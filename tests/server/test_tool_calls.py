@@ -287,6 +287,22 @@ def test_required_with_a_pydantic_tool_whose_schema_uses_defs(oai):
     assert set(arguments["place"]) == {"city", "country"}  # the nested object is closed too
 
 
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_with_a_schema_recursive_through_its_root(oai, parallel):
+    # `#` inside a tool's parameters means that tool's own root, not the wrapper's.
+    plant = {"type": "object", "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+             "required": ["name", "children"]}
+    tool = {"type": "function", "function": {"name": "plant", "description": "Plant a tree of plants", "parameters": plant}}
+    completion = chat(
+        oai, messages=[{"role": "user", "content": "Plant an oak with two acorns."}],
+        tools=[tool], tool_choice="required", parallel_tool_calls=parallel, max_tokens=60,
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "plant"
+    jsonschema.validate(json.loads(call.function.arguments), plant)
+
 
 # =============================================================================================
 # Streaming

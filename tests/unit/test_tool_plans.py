@@ -221,6 +221,9 @@ def test_template_without_tool_support_gets_the_instruction_and_text_history():
     assert tools is None
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
     assert "<tool_call>[" in messages[0]["content"]
+    # The format's example is a real call of the first tool, not placeholders a model would copy.
+    assert '<tool_call>[{"name": "get_weather", "arguments": {"city": "example"}}]</tool_call>' in messages[0]["content"]
+    assert "<function name>" not in messages[0]["content"]
     assert messages[2] == {"role": "assistant", "content": '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'}
     assert messages[3] == {"role": "user", "content": "Function result: sunny"}
     # A system message of the caller's own is kept, with the instruction after it.
