@@ -27,6 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -54,9 +55,16 @@ Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 # n is 1..128 in the spec for both endpoints.
 NumChoices = Annotated[int, Field(ge=1, le=128)]
 # logit_bias maps token ids written as decimal strings to an integer bias in [-100, 100]. The spec
-# types the values as integers (vLLM takes floats); we follow the spec.
+# types the values as integers (vLLM takes any float); we take a whole-number float (5.0, which
+# JavaScript clients and some SDKs write) as its integer and refuse a fraction.
 LogitBiasKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
-LogitBiasValue = Annotated[int, Field(ge=-100, le=100)]
+
+
+def _whole_float_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+LogitBiasValue = Annotated[int, BeforeValidator(_whole_float_as_int), Field(ge=-100, le=100)]
 # The sampler applies every entry of both at every step of the request, in the engine thread that
 # serves everyone: their length is bounded (neither the spec nor vLLM bounds it).
 MAX_TOKEN_ID_LIST = 4096
@@ -87,8 +95,10 @@ def string_or_array(array_type: Any) -> Any:
     ]
 
 
-# `stop`: one string or 1..4 strings (the spec's maxItems; vLLM allows any number).
-StopSequences = string_or_array(Annotated[list[str], Field(min_length=1, max_length=4)])
+# `stop`: one string or up to 4 strings (the spec's maxItems; vLLM allows any number). The spec's
+# minItems of 1 is not enforced: clients (LangChain among them) send `[]` for "no stop", as vLLM
+# and llama.cpp read it.
+StopSequences = string_or_array(Annotated[list[str], Field(max_length=4)])
 # Function and json_schema names: "a-z, A-Z, 0-9, underscores and dashes, max length 64" (spec
 # descriptions; OpenAI enforces it, vLLM does not).
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
