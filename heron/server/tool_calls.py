@@ -30,6 +30,7 @@ from heron.server.protocol import (
     ChatCompletionRequest,
     NamedFunction,
 )
+from heron.structured.limits import SCHEMA_MAPS
 
 # An omitted `parameters` means the function takes no arguments (OpenAI's documented meaning).
 _NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -138,7 +139,6 @@ _ONE_SCHEMA = (
     "items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
     "additionalProperties", "unevaluatedItems", "unevaluatedProperties",
 )
-_SCHEMA_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 # An object that takes keys from elsewhere too: closing it would refuse keys it means to allow.
 _COMPOSES = ("allOf", "anyOf", "oneOf", "$ref", "if", "patternProperties", "unevaluatedProperties", "dependentSchemas")
@@ -159,7 +159,7 @@ def _subschemas(root: dict[str, Any]):
         for key in _ONE_SCHEMA:
             if isinstance(node.get(key), dict):
                 stack.append((node[key], True))
-        for key in _SCHEMA_MAP:
+        for key in SCHEMA_MAPS:
             if isinstance(node.get(key), dict):
                 stack.extend((child, True) for child in node[key].values())
         for key in _SCHEMA_LIST:
@@ -177,7 +177,7 @@ def _closed(schema: dict[str, Any], ref_root: str | None = None) -> dict[str, An
     mode closes objects the same way. An object that composes its keys (allOf, $ref, ...) stays
     as it is.
     """
-    copied = json.loads(json.dumps(schema))  # no recursion here: the request's JSON already parsed
+    copied = json.loads(json.dumps(schema))  # a deep copy of plain JSON, in C rather than copy.deepcopy's Python
     for node, may_close in _subschemas(copied):
         if (
             may_close

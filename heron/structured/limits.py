@@ -29,7 +29,7 @@ from heron.sampling_params import StructuredOutputsParams
 from heron.structured.errors import GrammarError, GrammarLimitError
 
 # Keywords whose value maps names to subschemas: the map itself is not a nesting level.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def _schema_children(node: Any, index: _Index) -> list[Any]:
     for key, value in node.items():
         if key == "$ref" and isinstance(value, str):
             children.append(index.resolve(value))
-        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
             children.extend(v for v in value.values() if isinstance(v, (dict, list)))
         elif isinstance(value, (dict, list)):
             children.append(value)
