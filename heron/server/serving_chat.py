@@ -2,14 +2,15 @@
 
 `prepare_chat()` does everything that can fail before a byte is sent (features Heron cannot honour,
 chat template rendering, tokenization, the context-length check, sampling params), so a streamed
-request that is going to fail fails with a proper status code. `chat_response()` collects one
-complete response; `chat_stream()` yields SSE frames in OpenAI's order: a role delta per choice,
-content deltas, one finish chunk per choice, the usage chunk when asked for, then `[DONE]`.
+request that is going to fail fails with a proper status code. `chat_events()` turns the engine's
+outputs into the answer's events; `ChatStreamWriter` renders them as chunks, `chat_body()` builds
+the non-streamed response from the same events folded by the accumulator.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 from dataclasses import dataclass, field, replace
 
 from heron.models.chat_template import ChatTemplateError
@@ -42,20 +43,18 @@ from heron.server.tool_calls import (
     tool_schemas_to_check,
 )
 from heron.structured import CompiledGrammar
+from heron.server.accumulator import Accumulator, Choice, ChoiceEnd, PromptDone, TextDelta, ToolCalls
 from heron.server.serving_common import (
-    SSE_DONE,
     TokenText,
     chat_logprobs,
     check_context,
     check_text_length,
     chunk_writer,
     random_id,
-    request_error_from,
     sampling_params,
     shown_logprobs,
-    sse_error,
-    usage,
 )
+from heron.server.sse import SSE_DONE, error_frame
 
 _TEXT_PART_TYPES = {"text", "refusal"}
 
@@ -238,24 +237,6 @@ def _with_calls(finish_reason: str, prepared: PreparedChat, made_calls: bool) ->
     return finish_reason
 
 
-def _message(prepared: PreparedChat, text: str, finish_reason: str) -> tuple[ChatCompletionMessage, str]:
-    extractor = prepared.extractor()
-    if extractor is None:
-        return ChatCompletionMessage(content=text), finish_reason
-    content, calls = extractor.feed(text, final=True)
-    if not calls:
-        return ChatCompletionMessage(content=content), finish_reason
-    finish_reason = _with_calls(finish_reason, prepared, True)
-    if prepared.tools.legacy:
-        _, _, call = calls[0]
-        return ChatCompletionMessage(content=content or None, function_call=FunctionCall(name=call.name, arguments=call.arguments)), finish_reason
-    tool_calls = [
-        ChatCompletionMessageToolCall(id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
-        for _, call_id, call in calls
-    ]
-    return ChatCompletionMessage(content=content or None, tool_calls=tool_calls), finish_reason
-
-
 def _call_deltas(prepared: PreparedChat, index: int, calls) -> list[ChatCompletionResponseStreamChoice]:
     """OpenAI's shape: the first delta of a call names it, the next carries its arguments."""
     choices = []
@@ -283,35 +264,79 @@ def _call_deltas(prepared: PreparedChat, index: int, calls) -> list[ChatCompleti
     return choices
 
 
-def _usage(prepared: PreparedChat, final: RequestOutput):
-    return usage(len(prepared.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
+async def chat_events(prepared: PreparedChat, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[Any]:
+    """The answer's events (heron/server/accumulator.py), in the order a stream sends them:
+    per update of a choice its text, the tool calls it completed, then its end; last, the
+    prompt's counts. Closing this closes `outputs`, which aborts the engine request."""
+    n = prepared.params.n
+    finished: set[int] = set()
+    extractors = [prepared.extractor() for _ in range(n)]
+    try:
+        async for output in outputs:
+            for completion in output.outputs:
+                index = completion.index
+                if index in finished:
+                    continue
+                raw = completion.delta_logprobs or []
+                shown = shown_logprobs(raw, completion) if prepared.top_logprobs is not None else []
+                extractor = extractors[index]
+                ending = completion.finish_reason is not None
+                content, calls = completion.delta_text, []
+                if extractor is not None:
+                    content, calls = extractor.feed(completion.delta_text, final=ending)
+                yield TextDelta(index, content, list(completion.delta_token_ids), shown, sum(e.logprob for e in raw))
+                if calls:
+                    yield ToolCalls(index, calls)
+                if ending:
+                    finished.add(index)
+                    finish_reason = _finish_reason(completion.finish_reason)
+                    if extractor is not None:
+                        finish_reason = _with_calls(finish_reason, prepared, bool(extractor.calls))
+                    yield ChoiceEnd(index, finish_reason, completion.stop_reason)
+            if output.finished:
+                yield PromptDone(0, len(prepared.prompt_token_ids), output.num_cached_tokens)
+    finally:
+        await outputs.aclose()
 
 
-async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOutput]) -> ChatCompletionResponse:
-    final = None
-    async for output in outputs:
-        final = output
-    assert final is not None and final.finished
+def chat_accumulator(prepared: PreparedChat) -> Accumulator:
+    return Accumulator(prepared.finish_reasons)
+
+
+def _message(prepared: PreparedChat, choice: Choice) -> ChatCompletionMessage:
+    content = choice.text
+    if not choice.calls:
+        return ChatCompletionMessage(content=content)
+    if prepared.tools.legacy:
+        _, _, call = choice.calls[0]
+        return ChatCompletionMessage(
+            content=content or None, function_call=FunctionCall(name=call.name, arguments=call.arguments)
+        )
+    tool_calls = [
+        ChatCompletionMessageToolCall(id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
+        for _, call_id, call in choice.calls
+    ]
+    return ChatCompletionMessage(content=content or None, tool_calls=tool_calls)
+
+
+def chat_body(prepared: PreparedChat, accumulated: Accumulator) -> ChatCompletionResponse:
+    """The non-streamed response, from the same events a stream sends."""
     text = TokenText(prepared.model.tokenizer)
     choices = []
-    for completion in final.outputs:
+    for index in range(prepared.params.n):
+        choice = accumulated.choice(index)
         logprobs = None
         if prepared.top_logprobs is not None:
             logprobs = ChatCompletionLogprobs(
-                content=chat_logprobs(
-                    shown_logprobs(completion.logprobs, completion), text, prepared.top_logprobs
-                ),
-                refusal=None,
+                content=chat_logprobs(choice.logprobs, text, prepared.top_logprobs), refusal=None
             )
-        message, finish_reason = _message(prepared, completion.text, _finish_reason(completion.finish_reason))
-        prepared.finish_reasons[completion.index] = finish_reason
         choices.append(
             ChatCompletionResponseChoice(
-                index=completion.index,
-                message=message,
+                index=index,
+                message=_message(prepared, choice),
                 logprobs=logprobs,
-                finish_reason=finish_reason,
-                stop_reason=completion.stop_reason,
+                finish_reason=choice.finish_reason,
+                stop_reason=choice.stop_reason,
             )
         )
     return ChatCompletionResponse(
@@ -319,69 +344,56 @@ async def chat_response(prepared: PreparedChat, outputs: AsyncIterator[RequestOu
         model=prepared.request.model,
         system_fingerprint=prepared.model.system_fingerprint,
         choices=choices,
-        usage=_usage(prepared, final),
+        usage=accumulated.usage(),
     )
 
 
-async def chat_stream(prepared: PreparedChat, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
-    request = prepared.request
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    chunk = chunk_writer(ChatCompletionChunk, prepared, include_usage)
-    text = TokenText(prepared.model.tokenizer)
-    n = prepared.params.n
+class ChatStreamWriter:
+    """chat.completion.chunk frames in OpenAI's order: a role delta per choice, content deltas,
+    tool-call deltas, one finish chunk per choice, the usage chunk when asked for, `[DONE]`."""
 
-    finished: set[int] = set()
-    extractors = [prepared.extractor() for _ in range(n)]
-    # A forced tool call has no text: OpenAI opens such a message with `content: null`.
-    opening = None if prepared.tools is not None and prepared.tools.mode in ("required", "named") else ""
-    final: RequestOutput | None = None
-    try:
-        for index in range(n):
-            yield chunk([ChatCompletionResponseStreamChoice(index=index, delta=ChoiceDelta(role="assistant", content=opening, refusal=None))])
-        async for output in outputs:
-            final = output
-            for completion in output.outputs:
-                index = completion.index
-                if index in finished:
-                    continue
-                logprobs = None
-                shown = shown_logprobs(completion.delta_logprobs, completion)
-                if prepared.top_logprobs is not None and shown:
-                    logprobs = ChatCompletionLogprobs(
-                        content=chat_logprobs(shown, text, prepared.top_logprobs), refusal=None
-                    )
-                extractor = extractors[index]
-                ending = completion.finish_reason is not None
-                content, calls = completion.delta_text, []
-                if extractor is not None:
-                    content, calls = extractor.feed(completion.delta_text, final=ending)
-                if content or logprobs is not None:
-                    yield chunk(
-                        [ChatCompletionResponseStreamChoice(index=index, delta=ChoiceDelta(content=content), logprobs=logprobs)]
-                    )
-                for call_choice in _call_deltas(prepared, index, calls):
-                    yield chunk([call_choice])
-                if ending:
-                    finished.add(index)
-                    finish_reason = _finish_reason(completion.finish_reason)
-                    if extractor is not None:
-                        finish_reason = _with_calls(finish_reason, prepared, bool(extractor.calls))
-                    prepared.finish_reasons[index] = finish_reason
-                    yield chunk(
-                        [
-                            ChatCompletionResponseStreamChoice(
-                                index=index,
-                                delta=ChoiceDelta(),
-                                finish_reason=finish_reason,
-                                stop_reason=completion.stop_reason,
-                            )
-                        ]
-                    )
-        if include_usage and final is not None:
-            yield chunk([], usage=_usage(prepared, final))
-    except Exception as exc:  # after the first byte the status is sent: report in the stream
-        yield sse_error(request_error_from(exc))
-    finally:
-        # Leaving early (client gone) must abort the engine request now, not when collected.
-        await outputs.aclose()
-    yield SSE_DONE
+    def __init__(self, prepared: PreparedChat, accumulated: Accumulator) -> None:
+        request = prepared.request
+        self.prepared = prepared
+        self.accumulated = accumulated
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        self.chunk = chunk_writer(ChatCompletionChunk, prepared, self.include_usage)
+        self.text = TokenText(prepared.model.tokenizer)
+
+    def start(self) -> list[bytes]:
+        # A forced tool call has no text: OpenAI opens such a message with `content: null`.
+        tools = self.prepared.tools
+        opening = None if tools is not None and tools.mode in ("required", "named") else ""
+        return [
+            self.chunk([ChatCompletionResponseStreamChoice(index=i, delta=ChoiceDelta(role="assistant", content=opening, refusal=None))])
+            for i in range(self.prepared.params.n)
+        ]
+
+    def write(self, event: Any) -> list[bytes]:
+        if isinstance(event, TextDelta):
+            logprobs = None
+            if self.prepared.top_logprobs is not None and event.logprobs:
+                logprobs = ChatCompletionLogprobs(
+                    content=chat_logprobs(event.logprobs, self.text, self.prepared.top_logprobs), refusal=None
+                )
+            if not event.text and logprobs is None:
+                return []
+            delta = ChoiceDelta(content=event.text)
+            return [self.chunk([ChatCompletionResponseStreamChoice(index=event.index, delta=delta, logprobs=logprobs)])]
+        if isinstance(event, ToolCalls):
+            return [self.chunk([choice]) for choice in _call_deltas(self.prepared, event.index, event.calls)]
+        if isinstance(event, ChoiceEnd):
+            choice = ChatCompletionResponseStreamChoice(
+                index=event.index, delta=ChoiceDelta(), finish_reason=event.finish_reason, stop_reason=event.stop_reason
+            )
+            return [self.chunk([choice])]
+        return []
+
+    def finish(self) -> list[bytes]:
+        frames = []
+        if self.include_usage and self.accumulated.finished:
+            frames.append(self.chunk([], usage=self.accumulated.usage()))
+        return [*frames, SSE_DONE]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [error_frame(error), SSE_DONE]

@@ -2,7 +2,7 @@
 
 In: a validated request model and the ServedModel it addresses. Out: SamplingParams (the model's
 generation_config defaults under the request's values), the context-length check OpenAI makes
-before generating, logprob conversion to OpenAI's two logprob shapes, SSE framing, and a merge of
+before generating, logprob conversion to OpenAI's two logprob shapes, the chunk frame builder, and a merge of
 several engine streams (n prompts of one completion request) into one ordered stream.
 """
 
@@ -16,16 +16,10 @@ from typing import Any
 from heron.outputs import RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
-from heron.server.protocol import (
-    ChatCompletionTokenLogprob,
-    CompletionUsage,
-    ErrorResponse,
-    GenerationRequest,
-    PromptTokensDetails,
-    TopLogprob,
-)
+from heron.server.protocol import ChatCompletionTokenLogprob, GenerationRequest, TopLogprob
 from heron.server.protocol.common import now_unix
 from heron.server.registry import ServedModel
+from heron.server.sse import data_frame
 
 
 def random_id(prefix: str) -> str:
@@ -139,15 +133,6 @@ def sampling_params(
         raise bad_request(str(exc)) from exc
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> CompletionUsage:
-    return CompletionUsage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Logprobs
 # ---------------------------------------------------------------------------------------------
@@ -217,15 +202,8 @@ def completion_logprob_lists(
 
 
 # ---------------------------------------------------------------------------------------------
-# SSE
+# Chunks
 # ---------------------------------------------------------------------------------------------
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
 
 
 def chunk_writer(chunk_class: type, prepared: Any, include_usage: bool) -> Callable[..., bytes]:
@@ -236,7 +214,7 @@ def chunk_writer(chunk_class: type, prepared: Any, include_usage: bool) -> Calla
     def frame(choices: list, **extra: Any) -> bytes:
         if include_usage and "usage" not in extra:
             extra["usage"] = None
-        return sse(
+        return data_frame(
             chunk_class(
                 id=prepared.response_id,
                 created=created,
@@ -248,27 +226,6 @@ def chunk_writer(chunk_class: type, prepared: Any, include_usage: bool) -> Calla
         )
 
     return frame
-
-
-def sse_error(error: APIError) -> bytes:
-    return sse(ErrorResponse(error=error.detail()).model_dump_json())
-
-
-def request_error_from(exc: BaseException) -> APIError:
-    """An exception raised while generating -> the APIError to send (in the body or the stream)."""
-    from heron.engine.errors import EngineDeadError, RequestFailedError
-
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, RequestFailedError):
-        # The engine ended this request alone (the others carry on); 500s get the request id added.
-        message = exc.message[:1].upper() + exc.message[1:]
-        return APIError(exc.status, message if message.endswith(".") else message + ".", param=exc.param, code=exc.code)
-    if isinstance(exc, ValueError):
-        return bad_request(str(exc))
-    if isinstance(exc, EngineDeadError):
-        return APIError(503, "The engine has stopped; the server cannot serve requests.", code="engine_dead")
-    return APIError(500, f"Internal error while generating: {type(exc).__name__}", code="internal_error")
 
 
 async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:

@@ -3,7 +3,9 @@
 `prepare_completion()` turns the prompt forms (string, strings, token ids, lists of token ids) into
 token lists, applies `suffix` through the model's fill-in-the-middle tokens, checks each prompt
 against the context, and builds the sampling params. One engine request runs per prompt; choice
-`p * n + i` is sample i of prompt p, as in OpenAI. `best_of` generates that many samples and keeps
+`p * n + i` is sample i of prompt p, as in OpenAI. `completion_events()` turns engine outputs into
+the answer's events; `CompletionStreamWriter` renders them as chunks and `completion_body()` builds
+the non-streamed response from the same events. `best_of` generates that many samples and keeps
 the `n` with the highest total log-probability. `max_tokens: 0` (useful with `echo` to score a
 prompt) runs one step for the prompt logprobs and returns no generated text.
 """
@@ -12,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from heron.outputs import CompletionOutput, FinishReason, RequestOutput
+from heron.outputs import FinishReason, RequestOutput
 from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol import (
@@ -27,20 +30,18 @@ from heron.server.protocol import (
 from heron.server.registry import ServedModel
 from heron.server.structured_outputs import Constraint, compile_constraint, constraint_from
 from heron.structured import CompiledGrammar
+from heron.server.accumulator import Accumulator, Choice, ChoiceEnd, Echo, PromptDone, TextDelta
 from heron.server.serving_common import (
-    SSE_DONE,
     TokenText,
     check_context,
     check_text_length,
     chunk_writer,
     completion_logprob_lists,
     random_id,
-    request_error_from,
     sampling_params,
     shown_logprobs,
-    sse_error,
-    usage,
 )
+from heron.server.sse import SSE_DONE, error_frame
 
 
 @dataclass
@@ -163,13 +164,6 @@ async def compile_completion(prepared: PreparedCompletion) -> None:
         prepared.grammar = await compile_constraint(prepared.model, prepared.constraint)
 
 
-def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]:
-    if len(completions) <= n:
-        return completions
-    ranked = sorted(completions, key=lambda c: sum(lp.logprob for lp in c.logprobs or []), reverse=True)
-    return ranked[:n]
-
-
 def _finish(reason: FinishReason | None, score_only: bool) -> str:
     if reason == FinishReason.ABORT:
         raise APIError(503, "The request was cancelled because the server is shutting down.", code="request_cancelled")
@@ -182,47 +176,99 @@ def _prompt_text(prepared: PreparedCompletion, prompt: PreparedPrompt) -> str:
     return prompt.text
 
 
-async def completion_response(
+async def completion_events(
     prepared: PreparedCompletion, streams: AsyncIterator[tuple[int, RequestOutput]]
-) -> CompletionResponse:
-    finals: dict[int, RequestOutput] = {}
-    async for index, output in streams:
-        if output.finished:
-            finals[index] = output
+) -> AsyncIterator[Any]:
+    """The answer's events. Candidate `c` of prompt `p` is index `p * best_of + c` (with best_of
+    = n, which is all a stream may ask, that is the choice index). Closing this closes `streams`."""
+    per_prompt = prepared.params.n
+    echoed: set[int] = set()
+    finished: set[int] = set()
+    try:
+        if prepared.echo and prepared.logprobs is None:
+            # Without logprobs the echo needs nothing from the engine: it goes out at once.
+            for p, prompt in enumerate(prepared.prompts):
+                for c in range(per_prompt):
+                    echoed.add(p * per_prompt + c)
+                    yield Echo(p * per_prompt + c, _prompt_text(prepared, prompt), prompt.token_ids, [])
+        async for p, output in streams:
+            prompt = prepared.prompts[p]
+            for completion in output.outputs:
+                index = p * per_prompt + completion.index
+                if index in finished:
+                    continue
+                if prepared.echo and index not in echoed:
+                    # With logprobs, the echo waits for the prompt logprobs (they come with the first output).
+                    echoed.add(index)
+                    entries = list(output.prompt_logprobs or [None] * len(prompt.token_ids))
+                    yield Echo(index, _prompt_text(prepared, prompt), prompt.token_ids, entries)
+                raw = completion.delta_logprobs or []
+                if prepared.score_only:
+                    yield TextDelta(index, "", [], [], sum(e.logprob for e in raw))
+                else:
+                    shown = shown_logprobs(raw, completion) if prepared.logprobs is not None else []
+                    yield TextDelta(
+                        index, completion.delta_text, list(completion.delta_token_ids), shown, sum(e.logprob for e in raw)
+                    )
+                if completion.finish_reason is not None:
+                    finished.add(index)
+                    stop_reason = None if prepared.score_only else completion.stop_reason
+                    yield ChoiceEnd(index, _finish(completion.finish_reason, prepared.score_only), stop_reason)
+            if output.finished:
+                yield PromptDone(p, len(prompt.token_ids), output.num_cached_tokens)
+    finally:
+        await streams.aclose()
+
+
+def completion_accumulator(prepared: PreparedCompletion) -> Accumulator:
+    # The stream's choice indices are final as they come; ranked best_of candidates are renumbered
+    # when the body is built.
+    return Accumulator(prepared.finish_reasons if prepared.params.n == prepared.n else {})
+
+
+def _chosen(prepared: PreparedCompletion, accumulated: Accumulator) -> list[list[Choice]]:
+    """Per prompt, the choices returned: all samples, or the `n` best of `best_of` by total
+    log-probability."""
+    per_prompt = prepared.params.n
+    chosen = []
+    for p in range(len(prepared.prompts)):
+        candidates = [accumulated.choice(p * per_prompt + c) for c in range(per_prompt)]
+        if per_prompt > prepared.n:
+            candidates = sorted(candidates, key=lambda c: c.logprob_sum, reverse=True)[: prepared.n]
+        chosen.append(candidates)
+    return chosen
+
+
+def _logprobs(
+    prepared: PreparedCompletion, text: TokenText, entries: list, token_ids: list[int], offset: int
+) -> tuple[CompletionLogprobs, int]:
+    tokens, token_logprobs, tops, offsets, end = completion_logprob_lists(entries, token_ids, text, prepared.logprobs, offset)
+    return CompletionLogprobs(text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=tops), end
+
+
+def completion_body(prepared: PreparedCompletion, accumulated: Accumulator) -> CompletionResponse:
+    """The non-streamed response, from the same events a stream sends."""
     text = TokenText(prepared.model.tokenizer)
     choices = []
-    prompt_tokens = completion_tokens = cached = 0
-    for p, prompt in enumerate(prepared.prompts):
-        final = finals[p]
-        prompt_tokens += len(prompt.token_ids)
-        cached += final.num_cached_tokens
-        for i, completion in enumerate(_best(final.outputs, prepared.n)):
-            body = "" if prepared.score_only else completion.text
-            token_ids = [] if prepared.score_only else completion.token_ids
-            completion_tokens += len(token_ids)
+    counted = []
+    for p, candidates in enumerate(_chosen(prepared, accumulated)):
+        for i, choice in enumerate(candidates):
+            index = p * prepared.n + i
+            counted.append(choice)
             logprobs = None
             if prepared.logprobs is not None:
-                entries: list = [] if prepared.score_only else shown_logprobs(completion.logprobs, completion)
-                ids = list(token_ids)
-                if prepared.echo:
-                    entries = list(final.prompt_logprobs or [None] * len(prompt.token_ids)) + entries
-                    ids = prompt.token_ids + ids
-                tokens, token_logprobs, tops, offsets, _ = completion_logprob_lists(
-                    entries, ids, text, prepared.logprobs, 0
-                )
-                logprobs = CompletionLogprobs(
-                    text_offset=offsets, token_logprobs=token_logprobs, tokens=tokens, top_logprobs=tops
-                )
-            finish_reason = prepared.finish_reasons[p * prepared.n + i] = _finish(
-                completion.finish_reason, prepared.score_only
-            )
+                entries, ids = list(choice.logprobs), list(choice.token_ids)
+                if choice.echo is not None:
+                    entries, ids = list(choice.echo.logprobs) + entries, choice.echo.token_ids + ids
+                logprobs, _ = _logprobs(prepared, text, entries, ids, 0)
+            prepared.finish_reasons[index] = choice.finish_reason
             choices.append(
                 CompletionResponseChoice(
-                    index=p * prepared.n + i,
-                    text=(_prompt_text(prepared, prompt) + body) if prepared.echo else body,
+                    index=index,
+                    text=(choice.echo.text if choice.echo is not None else "") + choice.text,
                     logprobs=logprobs,
-                    finish_reason=finish_reason,
-                    stop_reason=None if prepared.score_only else completion.stop_reason,
+                    finish_reason=choice.finish_reason,
+                    stop_reason=choice.stop_reason,
                 )
             )
     return CompletionResponse(
@@ -230,103 +276,53 @@ async def completion_response(
         model=prepared.request.model,
         system_fingerprint=prepared.model.system_fingerprint,
         choices=choices,
-        usage=usage(prompt_tokens, completion_tokens, cached),
+        usage=accumulated.usage(counted),
     )
 
 
-async def completion_stream(
-    prepared: PreparedCompletion, streams: AsyncIterator[tuple[int, RequestOutput]]
-) -> AsyncIterator[bytes]:
-    """SSE frames; `best_of > n` cannot stream (the protocol layer refuses it)."""
-    request = prepared.request
-    include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    chunk = chunk_writer(CompletionChunk, prepared, include_usage)
-    text = TokenText(prepared.model.tokenizer)
-    n = prepared.n
+class CompletionStreamWriter:
+    """text_completion chunks: the echo, text deltas, one finish chunk per choice, the usage chunk
+    when asked for, `[DONE]`. (`best_of > n` cannot stream; the protocol layer refuses it.)"""
 
-    # Per choice: text offset so far (for logprobs), whether the echo went out, whether it finished.
-    offsets: dict[int, int] = {}
-    echoed: set[int] = set()
-    finished: set[int] = set()
-    finals: dict[int, RequestOutput] = {}
-    try:
-        if prepared.echo and prepared.logprobs is None:
-            # Without logprobs the echo needs nothing from the engine: send it at once.
-            for p, prompt in enumerate(prepared.prompts):
-                for i in range(n):
-                    index = p * n + i
-                    echoed.add(index)
-                    offsets[index] = len(_prompt_text(prepared, prompt))
-                    yield chunk([CompletionResponseStreamChoice(index=index, text=_prompt_text(prepared, prompt))])
-        async for p, output in streams:
-            prompt = prepared.prompts[p]
-            if output.finished:
-                finals[p] = output
-            for completion in output.outputs:
-                index = p * n + completion.index
-                if index in finished:
-                    continue
-                if prepared.echo and index not in echoed:
-                    # With logprobs, the echo waits for the prompt logprobs (they come with the first output).
-                    echoed.add(index)
-                    prompt_text = _prompt_text(prepared, prompt)
-                    tokens, lps, tops, offs, end = completion_logprob_lists(
-                        list(output.prompt_logprobs or [None] * len(prompt.token_ids)),
-                        prompt.token_ids,
-                        text,
-                        prepared.logprobs,
-                        0,
-                    )
-                    offsets[index] = end
-                    yield chunk(
-                        [
-                            CompletionResponseStreamChoice(
-                                index=index,
-                                text=prompt_text,
-                                logprobs=CompletionLogprobs(
-                                    text_offset=offs, token_logprobs=lps, tokens=tokens, top_logprobs=tops
-                                ),
-                            )
-                        ]
-                    )
-                delta_text = "" if prepared.score_only else completion.delta_text
-                logprobs = None
-                shown = shown_logprobs(completion.delta_logprobs, completion)
-                if prepared.logprobs is not None and shown and not prepared.score_only:
-                    tokens, lps, tops, offs, end = completion_logprob_lists(
-                        shown,
-                        completion.delta_token_ids,
-                        text,
-                        prepared.logprobs,
-                        offsets.get(index, 0),
-                    )
-                    offsets[index] = end
-                    logprobs = CompletionLogprobs(text_offset=offs, token_logprobs=lps, tokens=tokens, top_logprobs=tops)
-                if delta_text or logprobs is not None:
-                    yield chunk([CompletionResponseStreamChoice(index=index, text=delta_text, logprobs=logprobs)])
-                if completion.finish_reason is not None:
-                    finished.add(index)
-                    finish_reason = prepared.finish_reasons[index] = _finish(completion.finish_reason, prepared.score_only)
-                    yield chunk(
-                        [
-                            CompletionResponseStreamChoice(
-                                index=index,
-                                text="",
-                                finish_reason=finish_reason,
-                                stop_reason=None if prepared.score_only else completion.stop_reason,
-                            )
-                        ]
-                    )
-        if include_usage:
-            prompt_tokens = sum(len(p.token_ids) for p in prepared.prompts)
-            completion_tokens = 0 if prepared.score_only else sum(
-                len(c.token_ids) for final in finals.values() for c in final.outputs
+    def __init__(self, prepared: PreparedCompletion, accumulated: Accumulator) -> None:
+        request = prepared.request
+        self.prepared = prepared
+        self.accumulated = accumulated
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        self.chunk = chunk_writer(CompletionChunk, prepared, self.include_usage)
+        self.text = TokenText(prepared.model.tokenizer)
+        self.offsets: dict[int, int] = {}  # per choice: the text offset so far, for logprobs
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def write(self, event: Any) -> list[bytes]:
+        prepared = self.prepared
+        if isinstance(event, Echo):
+            logprobs = None
+            self.offsets[event.index] = len(event.text)
+            if prepared.logprobs is not None:
+                logprobs, self.offsets[event.index] = _logprobs(prepared, self.text, event.logprobs, event.token_ids, 0)
+            return [self.chunk([CompletionResponseStreamChoice(index=event.index, text=event.text, logprobs=logprobs)])]
+        if isinstance(event, TextDelta):
+            logprobs = None
+            if prepared.logprobs is not None and event.logprobs:
+                logprobs, self.offsets[event.index] = _logprobs(
+                    prepared, self.text, event.logprobs, event.token_ids, self.offsets.get(event.index, 0)
+                )
+            if not event.text and logprobs is None:
+                return []
+            return [self.chunk([CompletionResponseStreamChoice(index=event.index, text=event.text, logprobs=logprobs)])]
+        if isinstance(event, ChoiceEnd):
+            choice = CompletionResponseStreamChoice(
+                index=event.index, text="", finish_reason=event.finish_reason, stop_reason=event.stop_reason
             )
-            cached = sum(final.num_cached_tokens for final in finals.values())
-            yield chunk([], usage=usage(prompt_tokens, completion_tokens, cached))
-    except Exception as exc:  # after the first byte the status is sent: report in the stream
-        yield sse_error(request_error_from(exc))
-    finally:
-        # Leaving early (client gone) must abort the engine request now, not when collected.
-        await streams.aclose()
-    yield SSE_DONE
+            return [self.chunk([choice])]
+        return []
+
+    def finish(self) -> list[bytes]:
+        frames = [self.chunk([], usage=self.accumulated.usage())] if self.include_usage else []
+        return [*frames, SSE_DONE]
+
+    def fail(self, error: APIError) -> list[bytes]:
+        return [error_frame(error), SSE_DONE]
