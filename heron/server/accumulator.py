@@ -56,11 +56,12 @@ class ChoiceEnd:
 
 @dataclass
 class PromptDone:
-    """One engine request finished: the prompt's length and how much of it the cache held."""
+    """One engine request finished: how much of its prompt the cache held, and the prompt's
+    logprobs when they were asked for."""
 
     prompt_index: int
-    num_prompt_tokens: int
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -81,10 +82,12 @@ class Choice:
 
 
 class Accumulator:
-    """Folds the events of one answer. `finish_reasons` (choice index -> finish_reason) is the
-    request log's view, filled as choices end."""
+    """Folds the events of one answer. `num_prompt_tokens`: the prompts' tokens, all of them;
+    `finish_reasons` (choice index -> finish_reason) is the request log's view, filled as choices
+    end."""
 
-    def __init__(self, finish_reasons: dict[int, str] | None = None) -> None:
+    def __init__(self, num_prompt_tokens: int, finish_reasons: dict[int, str] | None = None) -> None:
+        self.num_prompt_tokens = num_prompt_tokens
         self.choices: dict[int, Choice] = {}
         self.finish_reasons = finish_reasons if finish_reasons is not None else {}
         self.prompts: dict[int, PromptDone] = {}
@@ -120,8 +123,9 @@ class Accumulator:
         return bool(self.prompts)
 
     def usage(self, choices: list[Choice] | None = None) -> CompletionUsage:
-        """Every prompt's tokens; the generated tokens of `choices` (default: all of them)."""
-        prompt_tokens = sum(p.num_prompt_tokens for p in self.prompts.values())
+        """Every prompt's tokens; the generated tokens of `choices` (default: all of them). While
+        the answer runs, the counts so far."""
+        prompt_tokens = self.num_prompt_tokens
         cached = sum(p.num_cached_tokens for p in self.prompts.values())
         counted = self.choices.values() if choices is None else choices
         completion_tokens = sum(len(c.token_ids) for c in counted)

@@ -53,6 +53,7 @@ from heron.server.serving_common import (
     random_id,
     sampling_params,
     shown_logprobs,
+    vllm_prompt_logprobs,
 )
 from heron.server.sse import SSE_DONE, error_frame
 
@@ -198,7 +199,13 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_see
     max_tokens = check_context(model, len(prompt_ids), request.requested_max_tokens(), "messages")
     top_logprobs = (request.top_logprobs or 0) if request.logprobs else None
     params = sampling_params(
-        request, model, max_tokens=max_tokens, n=request.n or 1, logprobs=top_logprobs, default_seed=default_seed
+        request,
+        model,
+        max_tokens=max_tokens,
+        n=request.n or 1,
+        logprobs=top_logprobs,
+        prompt_logprobs=request.prompt_logprobs,
+        default_seed=default_seed,
     )
     constraint = constraint_from(request)
     if tools is not None and (tool_spec := tool_constraint(tools)) is not None:
@@ -294,13 +301,13 @@ async def chat_events(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                         finish_reason = _with_calls(finish_reason, prepared, bool(extractor.calls))
                     yield ChoiceEnd(index, finish_reason, completion.stop_reason)
             if output.finished:
-                yield PromptDone(0, len(prepared.prompt_token_ids), output.num_cached_tokens)
+                yield PromptDone(0, output.num_cached_tokens, output.prompt_logprobs)
     finally:
         await outputs.aclose()
 
 
 def chat_accumulator(prepared: PreparedChat) -> Accumulator:
-    return Accumulator(prepared.finish_reasons)
+    return Accumulator(len(prepared.prompt_token_ids), prepared.finish_reasons)
 
 
 def _message(prepared: PreparedChat, choice: Choice) -> ChatCompletionMessage:
@@ -337,7 +344,14 @@ def chat_body(prepared: PreparedChat, accumulated: Accumulator) -> ChatCompletio
                 logprobs=logprobs,
                 finish_reason=choice.finish_reason,
                 stop_reason=choice.stop_reason,
+                token_ids=choice.token_ids if prepared.request.return_token_ids else None,
             )
+        )
+    prompt_logprobs = None
+    if prepared.request.prompt_logprobs is not None:
+        done = accumulated.prompts.get(0)
+        prompt_logprobs = vllm_prompt_logprobs(
+            done.prompt_logprobs if done else None, prepared.prompt_token_ids, text, prepared.request.prompt_logprobs
         )
     return ChatCompletionResponse(
         id=prepared.response_id,
@@ -345,6 +359,8 @@ def chat_body(prepared: PreparedChat, accumulated: Accumulator) -> ChatCompletio
         system_fingerprint=prepared.model.system_fingerprint,
         choices=choices,
         usage=accumulated.usage(),
+        prompt_logprobs=prompt_logprobs,
+        prompt_token_ids=prepared.prompt_token_ids if prepared.request.return_token_ids else None,
     )
 
 
@@ -357,15 +373,20 @@ class ChatStreamWriter:
         self.prepared = prepared
         self.accumulated = accumulated
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        self.chunk = chunk_writer(ChatCompletionChunk, prepared, self.include_usage)
+        self.chunk = chunk_writer(ChatCompletionChunk, prepared, accumulated.usage if self.include_usage else None)
+        self.token_ids = bool(request.return_token_ids)
         self.text = TokenText(prepared.model.tokenizer)
 
     def start(self) -> list[bytes]:
         # A forced tool call has no text: OpenAI opens such a message with `content: null`.
         tools = self.prepared.tools
         opening = None if tools is not None and tools.mode in ("required", "named") else ""
+        prompt_ids = {"prompt_token_ids": self.prepared.prompt_token_ids} if self.token_ids else {}
         return [
-            self.chunk([ChatCompletionResponseStreamChoice(index=i, delta=ChoiceDelta(role="assistant", content=opening, refusal=None))])
+            self.chunk(
+                [ChatCompletionResponseStreamChoice(index=i, delta=ChoiceDelta(role="assistant", content=opening, refusal=None))],
+                **(prompt_ids if i == 0 else {}),
+            )
             for i in range(self.prepared.params.n)
         ]
 
@@ -376,10 +397,12 @@ class ChatStreamWriter:
                 logprobs = ChatCompletionLogprobs(
                     content=chat_logprobs(event.logprobs, self.text, self.prepared.top_logprobs), refusal=None
                 )
-            if not event.text and logprobs is None:
+            token_ids = event.token_ids if self.token_ids and event.token_ids else None
+            if not event.text and logprobs is None and token_ids is None:
                 return []
             delta = ChoiceDelta(content=event.text)
-            return [self.chunk([ChatCompletionResponseStreamChoice(index=event.index, delta=delta, logprobs=logprobs)])]
+            choice = ChatCompletionResponseStreamChoice(index=event.index, delta=delta, logprobs=logprobs, token_ids=token_ids)
+            return [self.chunk([choice])]
         if isinstance(event, ToolCalls):
             return [self.chunk([choice]) for choice in _call_deltas(self.prepared, event.index, event.calls)]
         if isinstance(event, ChoiceEnd):

@@ -17,6 +17,7 @@ from heron.outputs import RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol import ChatCompletionTokenLogprob, GenerationRequest, TopLogprob
+from heron.server.protocol.common import PromptLogprob
 from heron.server.protocol.common import now_unix
 from heron.server.registry import ServedModel
 from heron.server.sse import data_frame
@@ -176,6 +177,26 @@ def chat_logprobs(entries: list[TokenLogprob], text: TokenText, top_n: int) -> l
     return result
 
 
+def vllm_prompt_logprobs(
+    entries: list[TokenLogprob | None] | None, token_ids: list[int], text: TokenText, top_n: int
+) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token its `top_n` best candidates and itself, by id."""
+    result: list[dict[str, PromptLogprob] | None] = []
+    for token_id, entry in zip(token_ids, entries or [None] * len(token_ids)):
+        if entry is None:
+            result.append(None)
+            continue
+        shown = {
+            str(alt): PromptLogprob(logprob=logprob, rank=rank, decoded_token=text(alt)[0])
+            for rank, (alt, logprob) in enumerate(entry.top[:top_n], start=1)
+        }
+        shown.setdefault(
+            str(token_id), PromptLogprob(logprob=entry.logprob, rank=entry.rank, decoded_token=text(token_id)[0])
+        )
+        result.append(shown)
+    return result
+
+
 def completion_logprob_lists(
     entries: list[TokenLogprob | None], token_ids: list[int], text: TokenText, top_n: int, offset: int
 ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int], int]:
@@ -206,14 +227,17 @@ def completion_logprob_lists(
 # ---------------------------------------------------------------------------------------------
 
 
-def chunk_writer(chunk_class: type, prepared: Any, include_usage: bool) -> Callable[..., bytes]:
+def chunk_writer(chunk_class: type, prepared: Any, usage: Callable[[], Any] | None = None) -> Callable[..., bytes]:
     """An SSE frame builder for one streamed response: every chunk shares id, created, model and
-    fingerprint, and with `include_usage` carries `usage: null` unless it is the usage chunk."""
+    fingerprint. With `usage` (stream_options.include_usage), a chunk carries `usage: null`, or
+    with continuous_usage_stats the usage so far, unless it is the usage chunk."""
     created = now_unix()
+    options = prepared.request.stream_options
+    running = usage is not None and bool(options and options.continuous_usage_stats)
 
     def frame(choices: list, **extra: Any) -> bytes:
-        if include_usage and "usage" not in extra:
-            extra["usage"] = None
+        if usage is not None and "usage" not in extra:
+            extra["usage"] = usage() if running else None
         return data_frame(
             chunk_class(
                 id=prepared.response_id,

@@ -40,6 +40,7 @@ from heron.server.serving_common import (
     random_id,
     sampling_params,
     shown_logprobs,
+    vllm_prompt_logprobs,
 )
 from heron.server.sse import SSE_DONE, error_frame
 
@@ -127,8 +128,40 @@ def _prompts(request: CompletionRequest, model: ServedModel) -> list[PreparedPro
     return [PreparedPrompt(None, ids) for ids in token_lists]
 
 
+def _prompt_logprobs(request: CompletionRequest) -> int | None:
+    """How many alternatives the engine reports per prompt token: for `echo` with `logprobs`
+    (OpenAI) and for `prompt_logprobs` (vLLM), whichever wants more."""
+    wanted = [k for k in (request.logprobs if request.echo else None, request.prompt_logprobs) if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _truncated(request: CompletionRequest, model: ServedModel, prompts: list[PreparedPrompt]) -> list[PreparedPrompt]:
+    """vLLM's truncate_prompt_tokens: each prompt cut to its last (or, truncation_side "right",
+    first) k tokens; -1 is the model's context length."""
+    keep = request.truncate_prompt_tokens
+    if keep is None:
+        return prompts
+    if keep == -1:
+        keep = model.max_model_len
+    if keep == 0 or keep > model.max_model_len:
+        raise bad_request(
+            f"'truncate_prompt_tokens' must be -1 or between 1 and the model's context length "
+            f"{model.max_model_len}; it is {keep}.",
+            param="truncate_prompt_tokens",
+        )
+    right = request.truncation_side == "right"
+    result = []
+    for prompt in prompts:
+        if len(prompt.token_ids) <= keep:
+            result.append(prompt)
+        else:
+            # The echo shows what the model saw: decoded from the kept ids.
+            result.append(PreparedPrompt(None, prompt.token_ids[:keep] if right else prompt.token_ids[-keep:]))
+    return result
+
+
 def prepare_completion(request: CompletionRequest, model: ServedModel, default_seed: int | None) -> PreparedCompletion:
-    prompts = _prompts(request, model)
+    prompts = _truncated(request, model, _prompts(request, model))
     requested = request.max_tokens
     score_only = requested == 0
     if score_only and not request.echo:
@@ -146,7 +179,7 @@ def prepare_completion(request: CompletionRequest, model: ServedModel, default_s
         max_tokens=max_tokens,
         n=best_of,
         logprobs=engine_logprobs,
-        prompt_logprobs=logprobs if request.echo and logprobs is not None else None,
+        prompt_logprobs=_prompt_logprobs(request),
         default_seed=default_seed,
     )
     constraint = constraint_from(request)
@@ -215,7 +248,7 @@ async def completion_events(
                     stop_reason = None if prepared.score_only else completion.stop_reason
                     yield ChoiceEnd(index, _finish(completion.finish_reason, prepared.score_only), stop_reason)
             if output.finished:
-                yield PromptDone(p, len(prompt.token_ids), output.num_cached_tokens)
+                yield PromptDone(p, output.num_cached_tokens, output.prompt_logprobs)
     finally:
         await streams.aclose()
 
@@ -223,7 +256,8 @@ async def completion_events(
 def completion_accumulator(prepared: PreparedCompletion) -> Accumulator:
     # The stream's choice indices are final as they come; ranked best_of candidates are renumbered
     # when the body is built.
-    return Accumulator(prepared.finish_reasons if prepared.params.n == prepared.n else {})
+    num_prompt_tokens = sum(len(p.token_ids) for p in prepared.prompts)
+    return Accumulator(num_prompt_tokens, prepared.finish_reasons if prepared.params.n == prepared.n else {})
 
 
 def _chosen(prepared: PreparedCompletion, accumulated: Accumulator) -> list[list[Choice]]:
@@ -249,9 +283,17 @@ def _logprobs(
 def completion_body(prepared: PreparedCompletion, accumulated: Accumulator) -> CompletionResponse:
     """The non-streamed response, from the same events a stream sends."""
     text = TokenText(prepared.model.tokenizer)
+    request = prepared.request
     choices = []
     counted = []
     for p, candidates in enumerate(_chosen(prepared, accumulated)):
+        prompt_ids = prepared.prompts[p].token_ids
+        prompt_logprobs = None
+        if request.prompt_logprobs is not None:
+            done = accumulated.prompts.get(p)
+            prompt_logprobs = vllm_prompt_logprobs(
+                done.prompt_logprobs if done else None, prompt_ids, text, request.prompt_logprobs
+            )
         for i, choice in enumerate(candidates):
             index = p * prepared.n + i
             counted.append(choice)
@@ -269,6 +311,9 @@ def completion_body(prepared: PreparedCompletion, accumulated: Accumulator) -> C
                     logprobs=logprobs,
                     finish_reason=choice.finish_reason,
                     stop_reason=choice.stop_reason,
+                    prompt_logprobs=prompt_logprobs,
+                    token_ids=choice.token_ids if request.return_token_ids else None,
+                    prompt_token_ids=prompt_ids if request.return_token_ids else None,
                 )
             )
     return CompletionResponse(
@@ -289,12 +334,20 @@ class CompletionStreamWriter:
         self.prepared = prepared
         self.accumulated = accumulated
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        self.chunk = chunk_writer(CompletionChunk, prepared, self.include_usage)
+        self.chunk = chunk_writer(CompletionChunk, prepared, accumulated.usage if self.include_usage else None)
+        self.token_ids = bool(request.return_token_ids)
+        self.opened: set[int] = set()  # choices whose first chunk went out (it carries prompt_token_ids)
         self.text = TokenText(prepared.model.tokenizer)
         self.offsets: dict[int, int] = {}  # per choice: the text offset so far, for logprobs
 
     def start(self) -> list[bytes]:
         return []
+
+    def _choice(self, index: int, text: str, **fields: Any) -> CompletionResponseStreamChoice:
+        if self.token_ids and index not in self.opened:
+            fields["prompt_token_ids"] = self.prepared.prompts[index // self.prepared.n].token_ids
+        self.opened.add(index)
+        return CompletionResponseStreamChoice(index=index, text=text, **fields)
 
     def write(self, event: Any) -> list[bytes]:
         prepared = self.prepared
@@ -303,20 +356,19 @@ class CompletionStreamWriter:
             self.offsets[event.index] = len(event.text)
             if prepared.logprobs is not None:
                 logprobs, self.offsets[event.index] = _logprobs(prepared, self.text, event.logprobs, event.token_ids, 0)
-            return [self.chunk([CompletionResponseStreamChoice(index=event.index, text=event.text, logprobs=logprobs)])]
+            return [self.chunk([self._choice(event.index, event.text, logprobs=logprobs)])]
         if isinstance(event, TextDelta):
             logprobs = None
             if prepared.logprobs is not None and event.logprobs:
                 logprobs, self.offsets[event.index] = _logprobs(
                     prepared, self.text, event.logprobs, event.token_ids, self.offsets.get(event.index, 0)
                 )
-            if not event.text and logprobs is None:
+            token_ids = event.token_ids if self.token_ids and event.token_ids else None
+            if not event.text and logprobs is None and token_ids is None:
                 return []
-            return [self.chunk([CompletionResponseStreamChoice(index=event.index, text=event.text, logprobs=logprobs)])]
+            return [self.chunk([self._choice(event.index, event.text, logprobs=logprobs, token_ids=token_ids)])]
         if isinstance(event, ChoiceEnd):
-            choice = CompletionResponseStreamChoice(
-                index=event.index, text="", finish_reason=event.finish_reason, stop_reason=event.stop_reason
-            )
+            choice = self._choice(event.index, "", finish_reason=event.finish_reason, stop_reason=event.stop_reason)
             return [self.chunk([choice])]
         return []
 

@@ -1,8 +1,8 @@
 """Structured-output request fields -> the engine's StructuredOutputsParams, and their compilation.
 
 In: OpenAI's `response_format` (text / json_object / json_schema) or vLLM's `structured_outputs`
-(json / regex / choice / grammar / json_object) and its older `guided_*` spellings, on chat and
-text completions alike. Out: one StructuredOutputsParams (or None) and the request field it came
+(json / regex / choice / grammar / json_object), its older `guided_*` spellings, and llama.cpp's
+top-level `grammar` / `json_schema`, on chat and text completions alike. Out: one StructuredOutputsParams (or None) and the request field it came
 from, which `compile_constraint` compiles on a worker thread, turning a refused schema or grammar
 into a 400 that names that field.
 """
@@ -62,6 +62,11 @@ def constraint_from(request: GenerationRequest) -> Constraint | None:
         value = getattr(request, name)
         if value is not None:
             found.append(_spec(name, **{name.removeprefix("guided_"): value}))
+    # llama.cpp's server: top-level `grammar` (GBNF) and `json_schema`.
+    if request.grammar is not None:
+        found.append(_spec("grammar", grammar=request.grammar))
+    if request.json_schema is not None:
+        found.append(_spec("json_schema", json=request.json_schema))
     if len(found) > 1:
         names = ", ".join(c.param for c in found)
         raise bad_request(f"Ask for one output constraint at a time; this request sets {names}.", param=found[1].param)

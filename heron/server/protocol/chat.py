@@ -29,6 +29,7 @@ from heron.server.protocol.common import (
     MaxTokens,
     OpenAIRequestModel,
     OpenAIResponseModel,
+    PromptLogprobs,
     TokenizeCompletionRequest,
     invalid_request,
     now_unix,
@@ -359,6 +360,8 @@ class ChatCompletionResponseChoice(OpenAIResponseModel):
     finish_reason: ChatFinishReason
     # vLLM extension: the stop string or token id that ended the choice, when one did.
     stop_reason: int | str | None = None
+    # vLLM extension (return_token_ids): the generated token ids.
+    token_ids: list[int] | None = None
 
     _always_emit: ClassVar[frozenset[str]] = frozenset({"logprobs"})
 
@@ -371,6 +374,9 @@ class ChatCompletionResponse(OpenAIResponseModel):
     system_fingerprint: str | None = None
     choices: list[ChatCompletionResponseChoice]
     usage: CompletionUsage | None = None
+    # vLLM extensions: prompt_logprobs, and (return_token_ids) the prompt's token ids.
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 # =============================================================================================
@@ -422,6 +428,7 @@ class ChatCompletionResponseStreamChoice(OpenAIResponseModel):
     # Required and nullable: null on every chunk but the last of the choice.
     finish_reason: ChatFinishReason | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: what this chunk added
 
     _always_emit: ClassVar[frozenset[str]] = frozenset({"logprobs", "finish_reason"})
 
@@ -436,6 +443,7 @@ class ChatCompletionChunk(OpenAIResponseModel):
     # With stream_options.include_usage, every chunk carries `usage` (null until the final,
     # choice-less usage chunk); without it the key is absent. So: null only when set explicitly.
     usage: CompletionUsage | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the first chunk
 
     _null_when_set: ClassVar[frozenset[str]] = frozenset({"usage"})
 

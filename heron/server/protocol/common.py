@@ -231,6 +231,8 @@ class StreamOptions(OpenAIRequestModel):
 
     # Adds a final chunk with `usage` and empty `choices`; every other chunk carries `usage: null`.
     include_usage: bool | None = None
+    # vLLM: with include_usage, every chunk carries the usage so far instead of null.
+    continuous_usage_stats: bool | None = None
 
 
 class GenerationRequest(OpenAIRequestModel):
@@ -274,6 +276,14 @@ class GenerationRequest(OpenAIRequestModel):
     guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
     guided_grammar: str | None = None
     response_format: ResponseFormat | None = None
+    # llama.cpp's server spellings of the same: a GBNF grammar, or a JSON schema, at top level.
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    # vLLM: the log-probabilities of the prompt's tokens, with this many alternatives each (the
+    # prompt's own token is always included); not with streaming, as in vLLM.
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # vLLM: the generated token ids on each choice and the prompt's token ids.
+    return_token_ids: bool | None = None
 
     def requested_max_tokens(self) -> int | None:
         """The caller's cap on generated tokens, if any; each endpoint overrides where it lives."""
@@ -288,6 +298,8 @@ class GenerationRequest(OpenAIRequestModel):
                 "stream_options",
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             )
+        if self.prompt_logprobs is not None and self.stream:
+            raise invalid_request("prompt_logprobs", "'prompt_logprobs' is not available when 'stream' is enabled.")
         max_tokens = self.requested_max_tokens()
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise invalid_request(
@@ -309,6 +321,19 @@ class PromptTokensDetails(OpenAIResponseModel):
 class CompletionTokensDetails(OpenAIResponseModel):
     # Tokens a reasoning parser moved out of `content` (think blocks).
     reasoning_tokens: int = 0
+
+
+class PromptLogprob(OpenAIResponseModel):
+    """vLLM's entry for one candidate of one prompt token."""
+
+    logprob: Logprob
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, token id (as a JSON key) -> its entry; the first
+# token, which nothing predicted, is null.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 class CompletionUsage(OpenAIResponseModel):

@@ -19,6 +19,7 @@ from heron.server.protocol.common import (
     INT32_MAX,
     GenerationRequest,
     OpenAIResponseModel,
+    PromptLogprobs,
     TokenId,
     invalid_request,
     now_unix,
@@ -75,6 +76,10 @@ class CompletionRequest(GenerationRequest):
     # The spec's default is 16 and 0 is allowed: with `echo` it scores a prompt without generating.
     max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = 16
     suffix: str | None = None
+    # vLLM: keep only this many prompt tokens (-1: the model's context length), cut from the
+    # left (the start, vLLM's default) or the right.
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None
+    truncation_side: Literal["left", "right"] | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -103,6 +108,10 @@ class CompletionResponseChoice(OpenAIResponseModel):
     finish_reason: CompletionFinishReason
     # vLLM extension: the stop string or token id that ended the choice, when one did.
     stop_reason: int | str | None = None
+    # vLLM extensions: prompt_logprobs, and (return_token_ids) the generated and prompt token ids.
+    prompt_logprobs: PromptLogprobs | None = None
+    token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | None = None
 
     _always_emit: ClassVar[frozenset[str]] = frozenset({"logprobs"})
 
@@ -125,6 +134,8 @@ class CompletionResponseStreamChoice(OpenAIResponseModel):
     # OpenAI reuses for stream events, does not mark it nullable; the live API sends null anyway.
     finish_reason: CompletionFinishReason | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: what this chunk added
+    prompt_token_ids: list[int] | None = None  # return_token_ids: on the choice's first chunk
 
     _always_emit: ClassVar[frozenset[str]] = frozenset({"logprobs", "finish_reason"})
 
