@@ -433,8 +433,18 @@ def route_template(scope: dict) -> str:
     if path:
         return path
     # Not routed (refused by an outer middleware, or no route matched): find it as the router would.
-    router = getattr(scope.get("app"), "router", None)
-    for route in getattr(router, "routes", ()):
+    return _matching_template(getattr(getattr(scope.get("app"), "router", None), "routes", ()), scope)
+
+
+def _matching_template(routes, scope: dict) -> str:
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            # An included APIRouter (FastAPI keeps it whole, without a prefix here): look inside.
+            found = _matching_template(inner.routes, scope)
+            if found != UNMATCHED_ROUTE:
+                return found
+            continue
         match, _ = route.matches(scope)
         if match is not Match.NONE:
             return getattr(route, "path", None) or UNMATCHED_ROUTE

@@ -204,6 +204,44 @@ def test_middleware_counts_route_templates_and_calls_the_end_hook():
     assert all(isinstance(record, RequestRecord) for _, _, record in ended)
 
 
+def test_requests_refused_before_routing_count_under_an_included_routers_template():
+    # Heron's routes live in APIRouters; a request a middleware refuses (413, a drain) never reaches
+    # routing, so its template must be found inside the included router.
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse
+
+    router = APIRouter()
+
+    @router.get("/things/{thing_id}")
+    async def thing(thing_id: str) -> dict:
+        return {"id": thing_id}
+
+    app = FastAPI()
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def refuse_big(request, call_next):
+        if request.headers.get("x-too-big"):
+            return JSONResponse({"error": "too big"}, status_code=413)
+        return await call_next(request)
+
+    metrics = Metrics(lambda: None)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, on_end=lambda *args: None)
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.get("/things/1")).status_code == 200
+            assert (await client.get("/things/2", headers={"x-too-big": "1"})).status_code == 413
+            assert (await client.post("/things/3")).status_code == 405
+
+    asyncio.run(run())
+    samples = samples_of(metrics)
+    assert get(samples, "heron:http_requests_total", route="/things/{thing_id}", status="200") == 1
+    assert get(samples, "heron:http_requests_total", route="/things/{thing_id}", status="413") == 1
+    assert get(samples, "heron:http_requests_total", route="/things/{thing_id}", status="405") == 1
+
+
 def test_log_line_formats():
     record = RequestRecord(started=10.0, model="m", stream=True, num_prompt_tokens=5, num_completion_tokens=3,
                            first_token_time=10.25, finish_reasons={0: "stop"}, num_choices=2, prompt=[{"role": "user", "content": 'say "hi"'}])
