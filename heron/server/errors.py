@@ -192,7 +192,8 @@ def _describe(error: dict[str, Any], param: str | None) -> tuple[str, str | None
     if kind == "too_long" and isinstance(value, dict):
         return (
             f"Invalid '{name}': too many entries. Expected an object with at most {ctx.get('max_length')} "
-            f"entries, but got {ctx.get('actual_length')} instead.",
+            # pydantic leaves actual_length empty for a dict: count the entries ourselves.
+            f"entries, but got {ctx.get('actual_length') or len(value)} instead.",
             "object_above_max_entries",
         )
     if kind == "too_long":
@@ -238,6 +239,8 @@ def validation_error(exc: ValidationError, body: Any) -> APIError:
             if discriminator.isidentifier():
                 param = f"{param}.{discriminator}" if param else discriminator
     message, code = _describe(error, param)
+    if code is None and error["type"] == "invalid_request":
+        code = (error.get("ctx") or {}).get("code")
     return APIError(400, message, param=param, code=code)
 
 
