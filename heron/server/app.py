@@ -44,6 +44,8 @@ from heron.server.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    ResponseCreateRequest,
+    ResponseObject,
     TokenizeResponse,
     tokenize_request_adapter,
 )
@@ -120,6 +122,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         finally:
             if owned:
                 await context.registry.shutdown()
+            context.close()
 
     app = FastAPI(
         title="Heron",
@@ -183,6 +186,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         {
             "/v1/chat/completions": (ChatCompletionRequest, ChatCompletionResponse),
             "/v1/completions": (CompletionRequest, CompletionResponse),
+            "/v1/responses": (ResponseCreateRequest, ResponseObject),
             "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
             "/tokenize": (tokenize_request_adapter, TokenizeResponse),
             "/detokenize": (DetokenizeRequest, DetokenizeResponse),

@@ -32,6 +32,7 @@ from heron.server.limits import Drain, RateLimiter
 from heron.server.metrics import Metrics, RequestRecord, one_line_json
 from heron.server.middleware import IGNORED_FIELDS_HEADER
 from heron.server.registry import ModelRegistry, ServedModel
+from heron.server.responses_store import open_response_store
 from heron.server.settings import ServerSettings
 from heron.server.sse import StreamWriter, collect, stream_response
 
@@ -244,6 +245,12 @@ class ServerContext:
         self.limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
         # Flipped by the server runner on SIGTERM (heron.server.runner).
         self.drain = Drain()
+        # Stored /v1/responses (store: true), for previous_response_id and GET.
+        self.responses = open_response_store(settings.responses_store, settings.responses_store_max)
+        self.logger = logger
+
+    def close(self) -> None:
+        self.responses.close()
 
     # ------------------------------------------------------------------- requests
 

@@ -105,6 +105,9 @@ class ServerSettings:
     header_timeout: float = 10.0  # seconds a connection gets to send complete request headers; 0 = no limit
     body_timeout: float = 30.0  # seconds a request gets to send its whole body; 0 = no limit
     sse_keepalive: float = 0.0  # seconds; 0 = off
+    # /v1/responses with store: kept in memory (None) or in an SQLite file that outlives a restart.
+    responses_store: str | None = None
+    responses_store_max: int = 10_000  # responses kept; the least recently used go first
     strict_fields: bool = False
     disable_log_requests: bool = False
     log_format: str = "text"  # the per-request log line: "text" (key=value) or "json"
@@ -271,6 +274,11 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         float,
         "send an SSE comment every N seconds while a stream waits for its first token (default 0 = off)",
     ),
+    ("responses_store", ("--responses-store",), "HERON_RESPONSES_STORE", str,
+     "SQLite file that keeps stored /v1/responses across restarts (default: in memory)"),
+    ("responses_store_max", ("--responses-store-max",), "HERON_RESPONSES_STORE_MAX", int,
+     "stored responses kept for previous_response_id and GET /v1/responses/{id}, least recently used "
+     "dropped first (default 10000)"),
     ("max_grammar_bytes", ("--max-grammar-bytes",), "HERON_MAX_GRAMMAR_BYTES", parse_size,
      "largest structured-output spec (schema JSON, regex, grammar or choices; default 128KiB)"),
     ("max_schema_depth", ("--max-schema-depth",), "HERON_MAX_SCHEMA_DEPTH", int,
