@@ -15,6 +15,17 @@ heron/server/protocol/completions.py and test_protocol.py, which pin the same re
   documents `usage: null` on all chunks but the last. Non-streaming responses get no such leeway.
 - `logprobs.token_logprobs` / `logprobs.top_logprobs` items may be null: with `echo`, the first
   prompt token has no log-probability, and OpenAI (and vLLM) send null there.
+
+The Responses API (/v1/responses): POST bodies and GET /v1/responses/{id} are checked against
+`Response`, GET .../input_items against `ResponseItemList`, DELETE against {"id", "object":
+"response", "deleted": true} (the spec's example; its 200 has no schema). Its streams are named
+events (`event: <type>` + `data: <json>`, no [DONE]): each event is checked against the component
+of its `type` (read off ResponseStreamEvent's anyOf, e.g. response.output_text.delta ->
+ResponseTextDeltaEvent), its `event:` name must equal that type, sequence_number must run 0, 1,
+2, ..., and a stream read to its end must end with a terminal event (response.completed /
+.incomplete / .failed, or error) with nothing after it. One departure: `Response.user` and
+`Response.usage` may be null, as the spec's own examples send them (response.created's shows both
+null) and as OpenAI sends them while a response is in progress.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from openapi_schema import assert_matches, component, schema_errors  # noqa: E40
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
+RESPONSES_PATH = "/v1/responses"
 
 
 # =============================================================================================
@@ -224,6 +236,68 @@ def embedding_response_schema() -> dict[str, Any]:
     return schema
 
 
+# What DELETE /v1/responses/{id} returns: the spec's 200 has no schema, only this example.
+RESPONSE_DELETED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string", "minLength": 1},
+        "object": {"const": "response"},
+        "deleted": {"const": True},
+    },
+    "required": ["id", "object", "deleted"],
+}
+
+
+def response_schema() -> dict[str, Any]:
+    """Response, with `user` and `usage` also null: the spec's own examples send both as null (the
+    response.created example, and the Response example's `user`), as OpenAI's API does while a
+    response is in progress. Everything else is as the spec says."""
+    schema = component("Response")
+    for index, branch in enumerate(schema["allOf"]):
+        if branch.get("$ref", "").endswith("/ModelResponseProperties"):
+            branch = schema["allOf"][index] = component("ModelResponseProperties")
+            branch["properties"]["user"] = {"anyOf": [branch["properties"]["user"], {"type": "null"}]}
+        elif "usage" in branch.get("properties", {}):
+            branch["properties"]["usage"] = {"anyOf": [branch["properties"]["usage"], {"type": "null"}]}
+    return schema
+
+
+def response_event_schema(name: str) -> dict[str, Any]:
+    """A Responses stream event component, its `response` snapshot (if any) read as `response_schema`."""
+    schema = component(name)
+    properties = schema.get("properties", {})
+    if properties.get("response", {}).get("$ref", "").endswith("/schemas/Response"):
+        properties["response"] = response_schema()
+    return schema
+
+
+def response_event_components() -> dict[str, str]:
+    """Each Responses stream event `type` -> its component, read off ResponseStreamEvent's anyOf."""
+    schemas = openapi_schema._converted_spec()["components"]["schemas"]
+    out: dict[str, str] = {}
+    for branch in schemas["ResponseStreamEvent"]["anyOf"]:
+        name = branch["$ref"].rsplit("/", 1)[1]
+        type_schema = schemas[name].get("properties", {}).get("type", {})
+        for value in type_schema.get("enum") or [type_schema.get("const")]:
+            if isinstance(value, str):
+                out[value] = name
+    return out
+
+
+_EVENT_COMPONENTS: dict[str, str] = {}
+
+
+def _event_component(event_type: str) -> str | None:
+    if not _EVENT_COMPONENTS:
+        _EVENT_COMPONENTS.update(response_event_components())
+    return _EVENT_COMPONENTS.get(event_type)
+
+
+def _event_component_names() -> set[str]:
+    _event_component("")
+    return set(_EVENT_COMPONENTS.values())
+
+
 _SCHEMAS: dict[str, dict[str, Any]] = {}
 
 
@@ -237,6 +311,14 @@ def _errors(instance: Any, name: str) -> list[str]:
         return schema_errors(instance, schema=schema)
     if name == "embedding_response":
         schema = _SCHEMAS.setdefault(name, embedding_response_schema())
+        return schema_errors(instance, schema=schema)
+    if name == "response_deleted":
+        return schema_errors(instance, schema=RESPONSE_DELETED_SCHEMA)
+    if name == "Response":
+        schema = _SCHEMAS.setdefault(name, response_schema())
+        return schema_errors(instance, schema=schema)
+    if name in _event_component_names():
+        schema = _SCHEMAS.setdefault(name, response_event_schema(name))
         return schema_errors(instance, schema=schema)
     return schema_errors(instance, name)
 
@@ -263,7 +345,31 @@ def _json_component(method: str, path: str, status: int) -> str | None:
         return "ListModelsResponse"
     if method == "GET" and path.startswith("/v1/models/"):
         return "Model"
+    if path == RESPONSES_PATH and method == "POST":
+        return "Response"
+    if _is_response_path(path):
+        return {"GET": "Response", "DELETE": "response_deleted"}.get(method)
+    if _is_input_items_path(path) and method == "GET":
+        return "ResponseItemList"
     return None
+
+
+def _is_response_path(path: str) -> bool:
+    """/v1/responses/{id}"""
+    rest = path[len(RESPONSES_PATH) + 1 :] if path.startswith(RESPONSES_PATH + "/") else ""
+    return bool(rest) and "/" not in rest
+
+
+def _is_input_items_path(path: str) -> bool:
+    """/v1/responses/{id}/input_items"""
+    rest = path[len(RESPONSES_PATH) + 1 :] if path.startswith(RESPONSES_PATH + "/") else ""
+    head, _, tail = rest.partition("/")
+    return bool(head) and tail == "input_items"
+
+
+def is_responses_stream_path(path: str) -> bool:
+    """POST /v1/responses, or GET /v1/responses/{id}?stream=true: named-event SSE streams."""
+    return path == RESPONSES_PATH or _is_response_path(path)
 
 
 def _chunk_component(path: str) -> str | None:
@@ -277,6 +383,20 @@ def _chunk_component(path: str) -> str | None:
 # =============================================================================================
 # The checking transport
 # =============================================================================================
+
+
+# The events that end a Responses stream (`error` too: OpenAI sends nothing after it).
+RESPONSES_TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+
+
+@dataclass
+class ResponsesStreamState:
+    """What the checker remembers across one Responses stream's events."""
+
+    next_sequence: int = 0
+    count: int = 0
+    types: list[Any] = field(default_factory=list)
+    terminated: bool = False
 
 
 @dataclass
@@ -336,6 +456,65 @@ class ResponseChecker:
             elif (name := _chunk_component(path)) is not None:
                 self._record(where, name, chunk)
 
+    # --- Responses API streams: `event: <type>` + `data: <json>`, no [DONE] -----------------
+
+    def check_responses_event(self, method: str, path: str, event: bytes, state: "ResponsesStreamState") -> None:
+        """One SSE event of a Responses stream: named, typed as named, numbered in sequence.
+
+        Each event must carry exactly one `event:` line and one `data:` line (comments are
+        allowed, e.g. keep-alives); the data must match the component of its `type` (e.g.
+        response.output_text.delta -> ResponseTextDeltaEvent); `event:` must equal that `type`;
+        sequence_number must run 0, 1, 2, ...; nothing may follow the terminal event.
+        """
+        where = f"{method} {path} (responses stream, event #{state.count})"
+        lines = event.decode("utf-8", errors="replace").split("\n")
+        fields = [line for line in lines if line and not line.startswith(":")]
+        if not fields:
+            return  # a keep-alive comment
+        names = [line[len("event:") :].strip() for line in fields if line.startswith("event:")]
+        datas = [line[len("data:") :].strip() for line in fields if line.startswith("data:")]
+        others = [line for line in fields if not line.startswith(("event:", "data:"))]
+        state.count += 1
+        if others:
+            self._violation(f"{where}: unexpected SSE lines {others!r}")
+        if len(names) != 1 or len(datas) != 1:
+            self._violation(f"{where}: want one `event:` and one `data:` line, got {fields!r}")
+            return
+        if datas[0] == "[DONE]":
+            self._violation(f"{where}: Responses streams end with their terminal event, not `data: [DONE]`")
+            return
+        try:
+            data = json.loads(datas[0])
+        except ValueError:
+            self._violation(f"{where}: data is not JSON: {datas[0][:300]!r}")
+            return
+        if not isinstance(data, dict):
+            self._violation(f"{where}: data is not an object: {datas[0][:300]!r}")
+            return
+        event_type = data.get("type")
+        if names[0] != event_type:
+            self._violation(f"{where}: `event: {names[0]}` but the data's type is {event_type!r}")
+        if state.terminated:
+            self._violation(f"{where}: {event_type!r} after the terminal {state.types[-1]!r}")
+        state.types.append(event_type)
+        name = _event_component(event_type) if isinstance(event_type, str) else None
+        if name is None:
+            self._violation(f"{where}: unknown Responses stream event type {event_type!r}: {datas[0][:300]}")
+        else:
+            self._record(where, name, data)
+        sequence = data.get("sequence_number")
+        if sequence != state.next_sequence:
+            self._violation(f"{where}: sequence_number {sequence!r}, expected {state.next_sequence}")
+        state.next_sequence = (sequence if isinstance(sequence, int) else state.next_sequence) + 1
+        if event_type in RESPONSES_TERMINAL_EVENTS:
+            state.terminated = True
+
+    def end_responses_stream(self, method: str, path: str, state: "ResponsesStreamState") -> None:
+        """The stream was read to its end: it must have ended with a terminal event."""
+        if not state.terminated:
+            last = state.types[-1] if state.types else None
+            self._violation(f"{method} {path} (responses stream): ended after {last!r}, without a terminal event")
+
 
 def _checking_transport(http_lib: ModuleType, checker: ResponseChecker) -> Any:
     """A transport of `http_lib` (httpx, or httpx2 under openai >= 3) that checks every response.
@@ -351,13 +530,11 @@ def _checking_transport(http_lib: ModuleType, checker: ResponseChecker) -> Any:
             self._path = path
 
         def __iter__(self) -> Iterator[bytes]:
-            buffer = b""
+            splitter = _SSESplitter(checker, self._method, self._path)
             for part in self._inner:
-                buffer = (buffer + part).replace(b"\r\n", b"\n")
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    checker.check_event(self._method, self._path, event)
+                splitter.feed(part)
                 yield part
+            splitter.end()
 
         def close(self) -> None:
             self._inner.close()
@@ -384,6 +561,83 @@ def _checking_transport(http_lib: ModuleType, checker: ResponseChecker) -> Any:
     return CheckingTransport()
 
 
+class _SSESplitter:
+    """Cuts an SSE body into events as its bytes arrive and hands each to the checker.
+
+    Chat and completion streams go to `check_event`; Responses streams (named events, sequence
+    numbers, a terminal event instead of [DONE]) to `check_responses_event`, and, once the body was
+    read to its end, `end_responses_stream`.
+    """
+
+    def __init__(self, checker: ResponseChecker, method: str, path: str) -> None:
+        self._checker = checker
+        self._method = method
+        self._path = path
+        self._buffer = b""
+        self._responses = is_responses_stream_path(path)
+        self._state = ResponsesStreamState()
+
+    def feed(self, part: bytes) -> None:
+        self._buffer = (self._buffer + part).replace(b"\r\n", b"\n")
+        *events, self._buffer = self._buffer.split(b"\n\n")
+        for event in events:
+            self._event(event)
+
+    def _event(self, event: bytes) -> None:
+        if self._responses:
+            self._checker.check_responses_event(self._method, self._path, event, self._state)
+        else:
+            self._checker.check_event(self._method, self._path, event)
+
+    def end(self) -> None:
+        if self._responses:
+            if self._buffer.strip():
+                self._event(self._buffer)  # an unterminated last event
+                self._buffer = b""
+            self._checker.end_responses_stream(self._method, self._path, self._state)
+
+
+def _async_checking_transport(http_lib: ModuleType, checker: ResponseChecker) -> Any:
+    """The async twin of `_checking_transport` (for AsyncOpenAI, e.g. under openai-agents)."""
+
+    class AsyncSSECheckingStream(http_lib.AsyncByteStream):
+        def __init__(self, inner: Any, method: str, path: str):
+            self._inner = inner
+            self._method = method
+            self._path = path
+
+        async def __aiter__(self):
+            splitter = _SSESplitter(checker, self._method, self._path)
+            async for part in self._inner:
+                splitter.feed(part)
+                yield part
+            splitter.end()
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    class AsyncCheckingTransport(http_lib.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self._inner = http_lib.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await self._inner.handle_async_request(request)
+            method, path = request.method, request.url.path
+            if method in ("OPTIONS", "HEAD"):
+                return response
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                response.stream = AsyncSSECheckingStream(response.stream, method, path)
+                return response
+            await response.aread()
+            checker.check_body(method, path, response)
+            return response
+
+        async def aclose(self) -> None:
+            await self._inner.aclose()
+
+    return AsyncCheckingTransport()
+
+
 def make_client(base_url: str, checker: ResponseChecker, *, api_key: str | None = None, timeout: float = 60.0) -> httpx.Client:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=base_url, transport=_checking_transport(httpx, checker), headers=headers, timeout=timeout)
@@ -407,6 +661,31 @@ def make_openai(base_url: str, checker: ResponseChecker, *, api_key: str = "sk-n
         max_retries=0,
         timeout=60.0,
         http_client=openai.DefaultHttpxClient(transport=_checking_transport(http_lib, checker)),
+    )
+
+
+def _sdk_http_lib() -> ModuleType:
+    import openai
+
+    return importlib.import_module(
+        next(
+            cls.__module__.split(".")[0]
+            for cls in openai.DefaultAsyncHttpxClient.__mro__
+            if cls.__name__ == "AsyncClient" and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        )
+    )
+
+
+def make_async_openai(base_url: str, checker: ResponseChecker, *, api_key: str = "sk-no-key-needed"):
+    """An AsyncOpenAI client whose every response is checked like `make_openai`'s."""
+    import openai
+
+    return openai.AsyncOpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=api_key,
+        max_retries=0,
+        timeout=60.0,
+        http_client=openai.DefaultAsyncHttpxClient(transport=_async_checking_transport(_sdk_http_lib(), checker)),
     )
 
 
@@ -447,6 +726,32 @@ def parse_sse(raw: bytes) -> SSEStream:
             else:
                 chunks.append(json.loads(payload))
     return SSEStream(raw=raw, events=events, chunks=chunks, done=done, comments=comments)
+
+
+@dataclass
+class NamedEvent:
+    """One event of a Responses stream: its `event:` name and its decoded `data:`."""
+
+    name: str
+    data: dict[str, Any]
+
+
+def parse_named_sse(raw: bytes) -> list[NamedEvent]:
+    """A Responses stream: `event: <type>` + `data: <json>` per event, comments allowed, no [DONE]."""
+    text = raw.decode("utf-8")
+    assert "\r" not in text, "SSE framing uses bare \\n line ends"
+    assert text.endswith("\n\n"), f"SSE stream does not end with a blank line: {text[-200:]!r}"
+    events: list[NamedEvent] = []
+    for block in text[:-2].split("\n\n"):
+        lines = [line for line in block.split("\n") if not line.startswith(":")]
+        if not lines:
+            continue
+        names = [line[len("event: ") :] for line in lines if line.startswith("event: ")]
+        datas = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
+        assert len(names) == 1 and len(datas) == 1 and len(lines) == 2, f"malformed Responses SSE event: {block!r}"
+        assert datas[0] != "[DONE]", "a Responses stream sent data: [DONE]"
+        events.append(NamedEvent(name=names[0], data=json.loads(datas[0])))
+    return events
 
 
 def stream_post(client: httpx.Client, path: str, body: dict[str, Any], **kwargs: Any) -> tuple[httpx.Response, SSEStream]:
@@ -563,6 +868,8 @@ __all__ = [
     "CHAT_PATH",
     "COMPLETIONS_PATH",
     "DEFAULT_MODEL",
+    "RESPONSES_PATH",
+    "NamedEvent",
     "ResponseChecker",
     "SSEStream",
     "StreamedChoice",
@@ -572,9 +879,11 @@ __all__ = [
     "completion_chunk_schema",
     "completion_response_schema",
     "make_client",
+    "make_async_openai",
     "make_openai",
     "openapi_schema",
     "param_matches",
+    "parse_named_sse",
     "parse_sse",
     "stream_post",
     "summarize_stream",
