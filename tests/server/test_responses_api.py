@@ -819,3 +819,49 @@ def test_openai_agents_runs_a_function_tool(server, response_checker):
     (call,) = [item for item in raw.output if item.type == "function_call"]
     assert call.name == "get_weather"
     assert Location.model_validate(json.loads(call.arguments)["location"]) == location
+
+
+# ---------------------------------------------------------------------------------------------
+# --responses-store PATH: stored responses outlive a restart
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sqlite_store_keeps_responses_across_a_restart(tmp_path):
+    from server_helpers import start_server, stop_server
+
+    store = tmp_path / "responses.sqlite"
+    args = ["--max-model-len", "512", "--responses-store", str(store)]
+    first = start_server("store-1", tmp_path, args, env={})
+    try:
+        created = httpx.post(
+            f"{first.base_url}{RESPONSES_PATH}",
+            json={"model": DEFAULT_MODEL, "input": PARIS, "max_output_tokens": 8, "temperature": 0},
+            timeout=60,
+        )
+        assert created.status_code == 200, created.text
+        body = created.json()
+    finally:
+        assert stop_server(first) is None
+    assert store.exists()
+
+    second = start_server("store-2", tmp_path, args, env={})
+    try:
+        again = httpx.get(f"{second.base_url}{RESPONSES_PATH}/{body['id']}", timeout=30)
+        assert again.status_code == 200, again.text
+        assert again.json() == body
+        items = httpx.get(f"{second.base_url}{RESPONSES_PATH}/{body['id']}/input_items", timeout=30).json()
+        assert [item["content"][0]["text"] for item in items["data"]] == [PARIS]
+        # And the conversation continues from it on the new process.
+        follow = httpx.post(
+            f"{second.base_url}{RESPONSES_PATH}",
+            json={
+                "model": DEFAULT_MODEL, "input": "And of Italy?", "previous_response_id": body["id"],
+                "max_output_tokens": 8, "temperature": 0,
+            },
+            timeout=60,
+        )
+        assert follow.status_code == 200, follow.text
+        assert follow.json()["previous_response_id"] == body["id"]
+        assert follow.json()["usage"]["input_tokens"] > body["usage"]["input_tokens"] + body["usage"]["output_tokens"]
+    finally:
+        assert stop_server(second) is None
