@@ -865,3 +865,37 @@ def test_sqlite_store_keeps_responses_across_a_restart(tmp_path):
         assert follow.json()["usage"]["input_tokens"] > body["usage"]["input_tokens"] + body["usage"]["output_tokens"]
     finally:
         assert stop_server(second) is None
+
+
+def test_request_timeout_fails_a_stream_with_error_and_response_failed(tmp_path):
+    # Past the first byte the status is sent: a Responses stream reports the failure as an `error`
+    # event and a `response.failed` carrying it, and the engine request is stopped.
+    from server_helpers import start_server, stop_server
+
+    srv = start_server("timeout", tmp_path, ["--max-model-len", "512", "--request-timeout", "1"], env={})
+    try:
+        long_request = {
+            "model": DEFAULT_MODEL, "input": POEM, "max_output_tokens": 400, "ignore_eos": True, "temperature": 0,
+        }
+        with httpx.stream("POST", f"{srv.base_url}{RESPONSES_PATH}", json={**long_request, "stream": True}, timeout=60) as s:
+            assert s.status_code == 200
+            events = parse_named_sse(s.read())
+        names = [event.name for event in events]
+        assert names[:2] == ["response.created", "response.in_progress"]
+        assert "response.output_text.delta" in names  # it was running when the deadline came
+        assert names[-2:] == ["error", "response.failed"], names
+        assert events[-2].data["code"] == "request_timeout"
+        failed = events[-1].data["response"]
+        assert failed["status"] == "failed" and "--request-timeout" in failed["error"]["message"]
+        assert [event.data["sequence_number"] for event in events] == list(range(len(events)))
+        # Not streamed: a 408 in OpenAI's envelope.
+        collected = httpx.post(f"{srv.base_url}{RESPONSES_PATH}", json=long_request, timeout=60)
+        assert_error(collected, 408, code="request_timeout")
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{srv.base_url}/health", timeout=5).json())["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (health["running"], health["waiting"]) == (0, 0), health
+        # A failed response is not stored.
+        assert httpx.get(f"{srv.base_url}{RESPONSES_PATH}/{failed['id']}", timeout=10).status_code == 404
+    finally:
+        assert stop_server(srv) is None

@@ -53,7 +53,8 @@ async def create_response(request: Request) -> Response:
     parsed, unknown = await context.parse(request, ResponseCreateRequest)
     record.model, record.stream = parsed.model, bool(parsed.stream)
     if settings.log_prompts:
-        record.prompt = parsed.input
+        given = parsed.input
+        record.prompt = given if isinstance(given, str) or given is None else [item.model_dump(exclude_none=True) for item in given]
     model = context.model(parsed.model, "generate")
     history: list[dict[str, Any]] = []
     if parsed.previous_response_id is not None:
