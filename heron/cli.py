@@ -101,6 +101,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _describe_defaults(model) -> str:
+    values = " ".join(f"{k}={v}" for k, v in model.generation_defaults.items()) or "OpenAI's (temperature=1 top_p=1)"
+    return f"{values} from {model.generation_defaults_source}"
+
+
 def _format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024:
@@ -245,6 +250,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             detail,
             _format_bytes(model.memory_bytes),
         )
+        if model.kind == "generate":
+            log.info("model %s: sampling defaults %s", model.names[0], _describe_defaults(model))
     app = create_app(settings, registry)
     log.info("serving at http://%s:%d/v1 (docs at /docs)", settings.host, settings.port)
     status = 0

@@ -330,19 +330,22 @@ def iter_safetensors(model_dir: str | Path, dtype: torch.dtype | None = None) ->
                 yield name, tensor if dtype is None else tensor.to(dtype)
 
 
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_from_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a generation_config.json recommends (`do_sample: false` is greedy)."""
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {key: gen[key] for key in SAMPLING_KEYS if gen.get(key) is not None}
+
+
 def _generation_defaults(model_dir: Path, config: dict[str, Any]) -> GenerationDefaults:
     path = model_dir / "generation_config.json"
     gen = json.loads(path.read_text()) if path.exists() else {}
     eos = gen.get("eos_token_id", config.get("eos_token_id"))
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    sampling = {
-        key: gen[key]
-        for key in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-        if gen.get(key) is not None
-    }
-    if gen.get("do_sample") is False:
-        sampling = {"temperature": 0.0}
-    return GenerationDefaults(eos_token_ids=eos_ids, sampling=sampling)
+    return GenerationDefaults(eos_token_ids=eos_ids, sampling=sampling_from_generation_config(gen))
 
 
 def _num_safetensors(model_dir: Path) -> int:

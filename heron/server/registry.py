@@ -25,6 +25,7 @@ from heron.models.bundled import (
 )
 from heron.parsers import detect_tool_parser, get_tool_parser
 from heron.server.errors import model_not_found
+from heron.server.generation_config import sampling_defaults
 from heron.server.settings import ServerSettings
 
 logger = logging.getLogger("heron.server")
@@ -40,7 +41,8 @@ class ServedModel:
     max_model_len: int
     vocab_size: int
     system_fingerprint: str
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict = field(default_factory=dict)  # sampling values for fields a request omits
+    generation_defaults_source: str = ""  # where they come from (--generation-config)
     fim_tokens: tuple[int, int, int] | None = None  # prefix, suffix, middle ids when the vocab has them
     memory_bytes: int = 0  # weights, plus the KV cache for generation models
     tool_call_parser: str = "hermes"  # a heron.parsers name: how tool calls are read from the text
@@ -172,6 +174,7 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         template = None
     parser = settings.tool_call_parser or detect_tool_parser(template.source if template is not None else None)
     get_tool_parser(parser)  # an unknown name fails at start-up, not on the first tool request
+    defaults = sampling_defaults(settings.generation_config, loaded)
     try:
         core.grammar_compiler.prepare()
     except Exception as exc:  # noqa: BLE001 - text generation still works; structured requests will say why
@@ -193,7 +196,8 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         max_model_len=core.max_model_len,
         vocab_size=loaded.arch_config.vocab_size,
         system_fingerprint=_digest(loaded),
-        generation_defaults=dict(loaded.generation.sampling),
+        generation_defaults=dict(defaults.values),
+        generation_defaults_source=defaults.source,
         fim_tokens=_fim_tokens(tokenizer),
         memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
         tool_call_parser=parser,

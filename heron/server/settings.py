@@ -77,9 +77,12 @@ class ServerSettings:
     kv_cache_memory: int | None = None  # bytes
     seed: int | None = None
     chat_template: str | None = None
+    # Sampling defaults for fields a request omits: auto (the model's own) | openai | a path.
+    generation_config: str = "auto"
     tool_call_parser: str | None = None  # None: picked from the chat template
     special_tokens_in_prompts: str = "completions"  # whose text may spell control tokens: none | completions | all
-    allowed_origins: list[str] = field(default_factory=list)
+    # CORS: every origin by default, as vLLM and llama.cpp; --allowed-origins narrows it.
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
     max_request_body_bytes: int = 16 * 1024 * 1024
     max_queue_len: int = 256
     max_prompts_per_request: int = 2048  # /v1/completions prompts in one request
@@ -164,6 +167,9 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
     ),
     ("seed", ("--seed",), "HERON_SEED", int, "default seed for requests that give none"),
     ("chat_template", ("--chat-template",), "HERON_CHAT_TEMPLATE", str, "Jinja chat template file overriding the model's"),
+    ("generation_config", ("--generation-config",), "HERON_GENERATION_CONFIG", str,
+     "sampling defaults for fields a request leaves out: auto (the model's generation_config.json; for the "
+     "bundled model, Heron's shipped values; default), openai (OpenAI's), or a generation_config.json path"),
     (
         "tool_call_parser",
         ("--tool-call-parser",),
@@ -186,7 +192,8 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         ("--allowed-origins",),
         "HERON_ALLOWED_ORIGINS",
         None,
-        "CORS origins allowed to call the API ('*' for any); none by default (env: comma-separated)",
+        "CORS origins allowed to call the API (repeatable; env: comma-separated); default '*', any origin, "
+        "without credentials",
     ),
     (
         "max_request_body_bytes",

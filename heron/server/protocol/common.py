@@ -417,7 +417,8 @@ class ErrorResponse(OpenAIResponseModel):
 
 
 class ModelCard(OpenAIResponseModel):
-    """OpenAI's `Model`, plus vLLM's `root` (where the weights came from) and `max_model_len`."""
+    """OpenAI's `Model`, plus vLLM's `root` (where the weights came from) and `max_model_len`, and
+    the sampling defaults a request that omits those fields gets (generation models only)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -426,6 +427,8 @@ class ModelCard(OpenAIResponseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    sampling_defaults: dict[str, Any] | None = None
+    sampling_defaults_source: str | None = None
 
 
 class ModelList(OpenAIResponseModel):

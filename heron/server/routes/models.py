@@ -13,7 +13,11 @@ router = APIRouter(tags=["OpenAI"])
 
 
 def _card(model: ServedModel, name: str) -> ModelCard:
-    return ModelCard(id=name, root=model.loaded.source, max_model_len=model.max_model_len)
+    card = ModelCard(id=name, root=model.loaded.source, max_model_len=model.max_model_len)
+    if model.kind == "generate":
+        card.sampling_defaults = dict(model.generation_defaults)
+        card.sampling_defaults_source = model.generation_defaults_source
+    return card
 
 
 @router.get("/v1/models")
