@@ -236,7 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"{runtime.block_size} tokens"
             )
         else:
-            detail = "embeddings"
+            detail = "rerank and score (cross-encoder)" if model.kind == "score" else "embeddings"
         if loaded.run_path is not None:
             log.info("model %s runs in %s; CPU: %s", model.names[0], loaded.run_path.describe(),
                      loaded.run_path.kernels.cpu if loaded.run_path.kernels else loaded.device)

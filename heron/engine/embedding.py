@@ -17,6 +17,17 @@ Truncation follows vLLM's `truncate_prompt_tokens`: None rejects an over-long in
 to the model's maximum, k keeps the last k tokens. For strings the special tokens survive
 truncation ([CLS] ... [SEP]), as a Hugging Face tokenizer with `truncation=True` does; token-id
 inputs are cut as given.
+
+Scores (/v1/rerank, /v1/score) run on the same engine, as vLLM computes them: `tokenize_score()`
+pairs `text_1` with `text_2` (1:1, 1:N or N:N) into `ScoreInputs`, and `score()` turns their
+encoder rows into one float per pair. An embedding model embeds every text once (a 1:N query
+once) and scores a pair by the cosine of its two vectors. A cross-encoder
+(BertForSequenceClassification) reads each pair as one sequence, `[CLS] a [SEP] b [SEP]` with
+token types 0 then 1 as the Hugging Face tokenizer makes it, and scores it by its logit passed
+through the model's activation: sigmoid for one label unless config.json names another
+(`sentence_transformers.activation_fn`), as vLLM does; `use_activation=False` gives the raw
+logit. Over-long pairs follow the same `truncate_prompt_tokens` rule, cut the way vLLM's call of
+the Hugging Face tokenizer cuts them (`longest_first`, from the right).
 """
 
 from __future__ import annotations
@@ -24,12 +35,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import deque
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import tokenizers
 import torch
 import torch.nn.functional as F
 
@@ -51,6 +64,9 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 
 TruncationSide = Literal["left", "right"]
 
+# Truncating tokenizer copies kept for cross-encoder pairs (one per truncate_prompt_tokens value).
+_MAX_PAIR_TRUNCATORS = 4
+
 
 class EmbeddingInputError(ValueError):
     """A request the engine cannot embed as asked: an HTTP 400. `param` names the request field at
@@ -61,8 +77,55 @@ class EmbeddingInputError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class ScoreInputs:
+    """A score request, tokenized: the encoder inputs it runs and how their rows pair up.
+
+    Cross-encoder: input j is pair j, and `segment_starts[j]` is where its second text (token type
+    1) begins. Embedding model: the first `num_queries` inputs are text_1's (1, or one per pair),
+    the next `num_pairs` text_2's; `segment_starts` is None.
+    """
+
+    token_ids: list[list[int]]
+    segment_starts: list[int] | None
+    num_pairs: int
+    num_queries: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The tokens the encoder runs (a 1:N query once on an embedding model)."""
+        return sum(len(ids) for ids in self.token_ids)
+
+
+# Cross-encoder activations by the torch.nn class a config names (vLLM reads the same keys). With
+# one label, Softmax means sigmoid to vLLM (its PoolerClassify), so it does here.
+_ACTIVATIONS = {
+    "Sigmoid": torch.sigmoid,
+    "Softmax": torch.sigmoid,
+    "Identity": lambda logits: logits,
+    "Tanh": torch.tanh,
+}
+
+
+def _read_score_activation(hf_config: dict) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The activation a cross-encoder's config asks for: sentence-transformers writes
+    `sentence_transformers.activation_fn` (older versions `sbert_ce_default_activation_function`);
+    without either, sigmoid (one label), as vLLM and sentence-transformers' CrossEncoder apply."""
+    st = hf_config.get("sentence_transformers")
+    name = st.get("activation_fn") if isinstance(st, dict) else None
+    name = name or hf_config.get("sbert_ce_default_activation_function") or "torch.nn.modules.activation.Sigmoid"
+    short = str(name).rsplit(".", 1)[-1]
+    if not str(name).startswith("torch.nn.modules.") or short not in _ACTIVATIONS:
+        raise ValueError(
+            f"cross-encoder activation {name!r} is not supported; Heron applies one of "
+            f"{', '.join('torch.nn.' + n for n in _ACTIVATIONS)}"
+        )
+    return short, _ACTIVATIONS[short]
+
+
 class EmbeddingEngine:
-    """A loaded encoder model that turns token-id inputs into embeddings, synchronously."""
+    """A loaded encoder model that turns token-id inputs into embeddings, or text pairs into
+    scores, synchronously."""
 
     def __init__(
         self,
@@ -98,6 +161,16 @@ class EmbeddingEngine:
         self.max_model_len = max_model_len
         self.hidden_size = self.model.hidden_size
         self.vocab_size = self.model.arch.vocab_size
+        self.is_cross_encoder = loaded.is_cross_encoder
+        # Width of one encoder output row: a pooled vector, or a cross-encoder's logits.
+        self.output_size = self.model.num_labels if self.is_cross_encoder else self.hidden_size
+        self.score_activation_name, self._score_activation = (
+            _read_score_activation(loaded.hf_config or {}) if self.is_cross_encoder else ("cosine", None)
+        )
+        # Pair truncation needs the tokenizer's own longest_first cut (vLLM's), which the Rust
+        # tokenizer applies only as a setting: truncating copies for the lengths last asked.
+        self._pair_truncators: OrderedDict[int, tokenizers.Tokenizer] = OrderedDict()
+        self._pair_truncators_lock = threading.Lock()
 
         hf_config = loaded.hf_config or {}
         # Matryoshka models say so in config.json, as vLLM reads it: a list of the dimensions they
@@ -106,6 +179,7 @@ class EmbeddingEngine:
         self.matryoshka_dimensions: tuple[int, ...] | None = tuple(int(d) for d in dims) if dims else None
         self.is_matryoshka = bool(hf_config.get("is_matryoshka")) or self.matryoshka_dimensions is not None
         self._num_special_tokens = self.tokenizer.backend.num_special_tokens_to_add(False)
+        self._num_pair_special_tokens = self.tokenizer.backend.num_special_tokens_to_add(True)
 
     @classmethod
     def load(
@@ -211,6 +285,11 @@ class EmbeddingEngine:
         Cheap (Python over the ids), so the async engine runs it on the caller's side and a bad
         request fails at once instead of after the batch ahead of it.
         """
+        if self.is_cross_encoder:
+            raise EmbeddingInputError(
+                "this model is a cross-encoder: it scores text pairs (/v1/rerank, /v1/score) and does not embed",
+                param="model",
+            )
         if not inputs:
             raise EmbeddingInputError("input must not be empty", param="input")
         self.check_dimensions(dimensions)
@@ -275,9 +354,12 @@ class EmbeddingEngine:
         return batches
 
     @torch.inference_mode()
-    def encode(self, token_ids: Sequence[list[int]]) -> torch.Tensor:
-        """One forward over already prepared inputs -> `[num_inputs, hidden]` float32 on the CPU,
-        pooled and normalised as the model's pipeline says."""
+    def encode(
+        self, token_ids: Sequence[list[int]], segment_starts: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """One forward over already prepared inputs -> `[num_inputs, output_size]` float32 on the
+        CPU: pooled and normalised as the model's pipeline says, or a cross-encoder's logits.
+        `segment_starts[i]`: where input i's token type 1 begins (None: all type 0)."""
         seq_lens = [len(ids) for ids in token_ids]
         lens = torch.tensor(seq_lens)
         num_tokens = int(lens.sum())
@@ -286,7 +368,13 @@ class EmbeddingEngine:
         starts = torch.cumsum(lens, 0) - lens
         positions = torch.arange(num_tokens) - torch.repeat_interleave(starts, lens, output_size=num_tokens)
         device = self.device
-        hidden = self.model(input_ids.to(device), positions.to(device), seq_lens)
+        token_type_ids = None
+        if segment_starts is not None and self.model.arch.type_vocab_size > 1:
+            split = torch.repeat_interleave(torch.tensor(list(segment_starts)), lens, output_size=num_tokens)
+            token_type_ids = (positions >= split).long().to(device)
+        hidden = self.model(input_ids.to(device), positions.to(device), seq_lens, token_type_ids)
+        if self.is_cross_encoder:
+            return self.model.classify(hidden, seq_lens).float().cpu()
         return self.pooler(hidden, seq_lens).float().cpu()
 
     def outputs(
@@ -310,6 +398,121 @@ class EmbeddingEngine:
         ]
 
 
+    # ----------------------------------------------------------------- scores
+
+    def tokenize_score(
+        self,
+        text_1: Sequence[str],
+        text_2: Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        params: tuple[str, str] = ("text_1", "text_2"),
+    ) -> ScoreInputs:
+        """Tokenize a score request: text_1[0] with every text_2 (1:N), or text_1[j] with text_2[j]
+        (N:N). `params` name the two fields in errors (rerank calls them query and documents)."""
+        num_1, num_2 = len(text_1), len(text_2)
+        if num_1 == 0 or num_2 == 0:
+            raise EmbeddingInputError(f"{params[0] if num_1 == 0 else params[1]} must not be empty",
+                                      param=params[0] if num_1 == 0 else params[1])
+        if num_1 > 1 and num_1 != num_2:
+            raise EmbeddingInputError(
+                f"{params[0]} has {num_1} texts and {params[1]} has {num_2}: pair one {params[0]} with "
+                f"any number of {params[1]} (1:N), or give as many of each (N:N)",
+                param=params[1],
+            )
+        limit = self._truncation_limit(truncate_prompt_tokens)
+        if not self.is_cross_encoder:
+            token_ids = self.tokenize([*text_1, *text_2], truncate_prompt_tokens, truncation_side="right")
+            for index, ids in enumerate(token_ids):
+                param, i = (params[0], index) if index < num_1 else (params[1], index - num_1)
+                if len(ids) > self.max_model_len:
+                    raise EmbeddingInputError(
+                        f"this model's maximum input length is {self.max_model_len} tokens, but "
+                        f"{param}[{i}] has {len(ids)} tokens; shorten it or set truncate_prompt_tokens",
+                        param=param,
+                    )
+                self._check_vocabulary(ids, param)
+            return ScoreInputs(token_ids, None, num_pairs=num_2, num_queries=num_1)
+
+        queries = list(text_1) if num_1 > 1 else [text_1[0]] * num_2
+        if limit is not None and limit - self._num_pair_special_tokens < 2:
+            raise EmbeddingInputError(
+                f"truncate_prompt_tokens {truncate_prompt_tokens} leaves no room for both texts of a "
+                f"pair beside the model's {self._num_pair_special_tokens} special tokens",
+                param="truncate_prompt_tokens",
+            )
+        backend = self.tokenizer.backend if limit is None else self._pair_truncator(limit)
+        encodings = backend.encode_batch_fast(list(zip(queries, text_2)), add_special_tokens=True)
+        token_ids: list[list[int]] = []
+        segment_starts: list[int] = []
+        for j, encoding in enumerate(encodings):
+            ids = encoding.ids
+            if len(ids) > self.max_model_len:
+                first = f"{params[0]}[{j}]" if num_1 > 1 else params[0]
+                raise EmbeddingInputError(
+                    f"this model's maximum input length is {self.max_model_len} tokens, but the pair of "
+                    f"{first} and {params[1]}[{j}] has {len(ids)} tokens; shorten it or set "
+                    "truncate_prompt_tokens",
+                    param=params[1],
+                )
+            self._check_vocabulary(ids, params[1])
+            type_ids = encoding.type_ids
+            # The pair template types [CLS] a [SEP] 0 and b [SEP] 1: where the 1s start.
+            segment_starts.append(type_ids.index(1) if 1 in type_ids else len(type_ids))
+            token_ids.append(ids)
+        return ScoreInputs(token_ids, segment_starts, num_pairs=num_2)
+
+    def _check_vocabulary(self, ids: list[int], param: str) -> None:
+        # A tokenizer bigger than the model's embedding table is a broken checkpoint; an id past
+        # the table would be a device-side assert on CUDA, which poisons the whole process.
+        if ids and max(ids) >= self.vocab_size:
+            raise EmbeddingInputError(
+                f"the tokenizer gave token id {max(ids)}, outside this model's vocabulary of "
+                f"{self.vocab_size} tokens",
+                param=param,
+            )
+
+    def _pair_truncator(self, max_length: int) -> tokenizers.Tokenizer:
+        with self._pair_truncators_lock:
+            truncator = self._pair_truncators.get(max_length)
+            if truncator is None:
+                # A copy takes ~10 ms and a few MB: a few are kept (-1, the model's maximum, is the
+                # usual ask), so clients cycling through lengths cannot pile them up.
+                truncator = tokenizers.Tokenizer.from_str(self.tokenizer.backend.to_str())
+                truncator.enable_truncation(max_length, strategy="longest_first", direction="right")
+                self._pair_truncators[max_length] = truncator
+                while len(self._pair_truncators) > _MAX_PAIR_TRUNCATORS:
+                    self._pair_truncators.popitem(last=False)
+            self._pair_truncators.move_to_end(max_length)
+            return truncator
+
+    def score(self, inputs: ScoreInputs, use_activation: bool | None = None) -> list[float]:
+        """One score per pair, in pair order (the synchronous path; the server uses the async one)."""
+        token_ids, starts = inputs.token_ids, inputs.segment_starts
+        rows = torch.empty(len(token_ids), self.output_size, dtype=torch.float32)
+        for batch in self.plan_batches([len(ids) for ids in token_ids]):
+            rows[batch] = self.encode(
+                [token_ids[i] for i in batch], None if starts is None else [starts[i] for i in batch]
+            )
+        return self.pair_scores(rows, inputs, use_activation)
+
+    def pair_scores(self, rows: torch.Tensor, inputs: ScoreInputs, use_activation: bool | None = None) -> list[float]:
+        """Encoder output rows of `inputs` -> one score per pair.
+
+        Cross-encoder: the logit, through the model's activation unless `use_activation` is False.
+        Embedding model: the cosine similarity of the pair's two vectors (`use_activation` does not
+        apply).
+        """
+        if self.is_cross_encoder:
+            logits = rows[:, 0]
+            if use_activation is not False:
+                logits = self._score_activation(logits)
+            return logits.tolist()
+        queries, documents = rows[: inputs.num_queries], rows[inputs.num_queries :]
+        if inputs.num_queries == 1:
+            queries = queries.expand_as(documents)
+        return F.cosine_similarity(queries.double(), documents.double(), dim=-1).tolist()
+
+
 # ------------------------------------------------------------------------------------------------
 # Async micro-batching.
 
@@ -329,12 +532,13 @@ class _Job:
     """One request on its way through the worker: prepared inputs and where its rows land."""
 
     token_ids: list[list[int]]
-    dimensions: int | None
-    request_id: str
+    # Rows of every input, once all are encoded -> what the caller gets (EmbeddingOutputs, scores).
+    finish: Callable[[torch.Tensor], object]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     order: list[int]  # input indices, longest first: the order the worker takes them in
     vectors: torch.Tensor
+    segment_starts: list[int] | None = None  # cross-encoder pairs: where token type 1 begins
     next: int = 0  # how many of `order` have been handed to a batch
     num_done: int = 0
     # Set from the event loop when the caller goes away; the worker then skips what is left.
@@ -437,15 +641,45 @@ class AsyncEmbeddingEngine:
     ) -> list[EmbeddingOutput]:
         """Embed token-id inputs; output i belongs to input i. Raises ValueError on bad input."""
         token_ids = self.engine.prepare(inputs, truncate_prompt_tokens, dimensions)
+        engine = self.engine
+        return await self._run(
+            token_ids, None, lambda rows: engine.outputs(rows, token_ids, dimensions, request_id)
+        )
+
+    async def tokenize_score(
+        self,
+        text_1: Sequence[str],
+        text_2: Sequence[str],
+        truncate_prompt_tokens: int | None = None,
+        params: tuple[str, str] = ("text_1", "text_2"),
+    ) -> ScoreInputs:
+        """`EmbeddingEngine.tokenize_score` off the event loop; raises EmbeddingInputError."""
+        return await asyncio.get_running_loop().run_in_executor(
+            None, self.engine.tokenize_score, list(text_1), list(text_2), truncate_prompt_tokens, params
+        )
+
+    async def score(self, inputs: ScoreInputs, use_activation: bool | None = None) -> list[float]:
+        """One score per pair of `inputs`, its forwards micro-batched with everyone else's."""
+        engine = self.engine
+        return await self._run(
+            inputs.token_ids, inputs.segment_starts, lambda rows: engine.pair_scores(rows, inputs, use_activation)
+        )
+
+    async def _run(
+        self,
+        token_ids: list[list[int]],
+        segment_starts: list[int] | None,
+        finish: Callable[[torch.Tensor], object],
+    ) -> object:
         loop = asyncio.get_running_loop()
         job = _Job(
             token_ids=token_ids,
-            dimensions=dimensions,
-            request_id=request_id,
+            finish=finish,
             loop=loop,
             future=loop.create_future(),
             order=sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i])),
-            vectors=torch.empty(len(token_ids), self.engine.hidden_size, dtype=torch.float32),
+            vectors=torch.empty(len(token_ids), self.engine.output_size, dtype=torch.float32),
+            segment_starts=segment_starts,
         )
         self._driver.submit(job)
         try:
@@ -494,8 +728,15 @@ class AsyncEmbeddingEngine:
 
     def _run_batch(self, batch: list[tuple[_Job, list[int]]], pending: deque[_Job]) -> None:
         token_ids = [job.token_ids[i] for job, indices in batch for i in indices]
+        segment_starts = None
+        if any(job.segment_starts is not None for job, _ in batch):
+            segment_starts = [
+                job.segment_starts[i] if job.segment_starts is not None else len(job.token_ids[i])
+                for job, indices in batch
+                for i in indices
+            ]
         try:
-            vectors = self.engine.encode(token_ids)
+            vectors = self.engine.encode(token_ids, segment_starts)
         except Exception as exc:  # e.g. out of memory: it fails these requests, not the engine
             logger.exception("embedding batch of %d inputs failed", len(token_ids))
             for job, _ in batch:
@@ -523,9 +764,7 @@ class AsyncEmbeddingEngine:
         )
         for job in finished:
             try:
-                result: object = self.engine.outputs(
-                    job.vectors, job.token_ids, job.dimensions, job.request_id
-                )
+                result: object = job.finish(job.vectors)
             except Exception as exc:  # a bug, but it belongs to that caller alone
                 result = exc
             self._deliver(job, result)

@@ -5,6 +5,11 @@ Owns `BertModel`: built from a parsed Hugging Face `config.json`, filled by `loa
 sequences laid end to end plus their lengths. Out: last hidden states `[total_tokens, hidden]`.
 Pooling into one vector per sequence lives in `heron.models.pooling`.
 
+`BertForSequenceClassification` is the cross-encoder (reranker) form: the same encoder, then BERT's
+pooler (tanh dense over each sequence's [CLS] state) and a linear classifier, giving one row of
+`num_labels` logits per sequence; a query/document pair comes in as one sequence whose
+`token_type_ids` are 0 up to the first [SEP] and 1 after it.
+
 Layout choices: the query/key/value projections are fused into one `[3*hidden, hidden]` linear so
 each layer runs one GEMM for them; all linears run on the packed tokens (no work on padding). Only
 attention needs a `[batch, max_len]` grid, run through `F.scaled_dot_product_attention` with a
@@ -398,3 +403,49 @@ class BertModel(nn.Module):
             return None
         ours, shard = _LAYER_PARTS[part]
         return f"layers.{layer}.{ours}.{kind}", shard
+
+
+def num_labels_of(config: dict) -> int:
+    """How many logits a BertForSequenceClassification config gives: transformers writes `id2label`
+    (num_labels is derived from it), older files may carry `num_labels` itself."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    return int(config.get("num_labels", 2))
+
+
+class BertForSequenceClassification(BertModel):
+    """A BERT cross-encoder: the encoder's last hidden states (`forward`, as `BertModel`), then
+    `classify` turns each sequence's [CLS] state into `num_labels` logits, as Hugging Face's
+    BertForSequenceClassification does (pooler dense + tanh, then the classifier; dropout is a
+    no-op at inference)."""
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.num_labels = num_labels_of(config)
+        if self.num_labels < 1:
+            raise ValueError(f"BertForSequenceClassification needs at least one label, got {self.num_labels}")
+        hidden = self.arch.hidden_size
+        self.pooler = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, self.num_labels)
+
+    def classify(self, hidden: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """Packed last hidden states `[total_tokens, hidden]` -> logits `[num_seqs, num_labels]`."""
+        lens = torch.tensor(seq_lens, device=hidden.device)
+        cls_rows = hidden.index_select(0, torch.cumsum(lens, 0) - lens)  # each sequence's first token
+        return self.classifier(torch.tanh(self.pooler(cls_rows)))
+
+    def _map_hf_name(self, hf_name: str) -> tuple[str, int | None] | None:
+        name = self._strip_prefix(hf_name)
+        # Here the pooler and the classifier are weights of ours, not a head to skip.
+        if name in _HEAD_PARTS:
+            return _HEAD_PARTS[name], None
+        return super()._map_hf_name(hf_name)
+
+
+_HEAD_PARTS = {
+    "pooler.dense.weight": "pooler.weight",
+    "pooler.dense.bias": "pooler.bias",
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+}

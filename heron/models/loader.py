@@ -24,7 +24,7 @@ from heron.models.arch_config import ArchConfig
 from heron.models.bundled import default_chat_model_path
 from heron.models.gguf import GGUFFile, hf_tensor_name, unpermute_qk
 from heron.models.layers.quantized import QuantizedTensor
-from heron.models.registry import EMBEDDING_ARCHITECTURES, resolve_model_class
+from heron.models.registry import CROSS_ENCODER_ARCHITECTURES, ENCODER_ARCHITECTURES, resolve_model_class
 from heron.models.tokenizer import Tokenizer
 
 _DTYPES = {
@@ -141,9 +141,19 @@ def plan_run_path(path: Path, dtype: str, device: torch.device, keep_quantized: 
     return _run_path(dtype, device, bool(_kept_blocks(gguf, device, keep_quantized)))
 
 
-def _is_embedding_dir(model_dir: Path) -> bool:
+def _architecture_of(model_dir: Path) -> str | None:
     architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-    return bool(architectures) and architectures[0] in EMBEDDING_ARCHITECTURES
+    return architectures[0] if architectures else None
+
+
+def _is_embedding_dir(model_dir: Path) -> bool:
+    """An encoder (embedding model or cross-encoder): built from its HF config dict, run by the
+    EmbeddingEngine, float32 on a CPU."""
+    return _architecture_of(model_dir) in ENCODER_ARCHITECTURES
+
+
+def _is_cross_encoder_dir(model_dir: Path) -> bool:
+    return _architecture_of(model_dir) in CROSS_ENCODER_ARCHITECTURES
 
 
 def _run_path(dtype: str, device: torch.device, quantized_kernels: bool, embedding: bool = False) -> RunPath:
@@ -173,7 +183,8 @@ class LoadedModel:
     num_parameters: int
     dtype: torch.dtype
     device: torch.device
-    is_embedding: bool = False
+    is_embedding: bool = False  # an encoder, run by heron.engine.embedding (embeddings, or scores below)
+    is_cross_encoder: bool = False  # an encoder that scores (query, document) pairs: /v1/rerank, /v1/score
     run_path: RunPath | None = None  # how it runs here, for the start-up log
 
     @property
@@ -363,10 +374,17 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, prog
     tokenizer = Tokenizer.from_hf_dir(model_dir)
     architectures = hf_config.get("architectures") or []
     is_embedding = _is_embedding_dir(model_dir)
+    is_cross_encoder = _is_cross_encoder_dir(model_dir)
     if is_embedding:
         # Encoders keep their HF config dict; they are small enough to build directly.
         config = None
         model = resolve_model_class(architectures[0])(hf_config).to(dtype=dtype, device=device)
+        if is_cross_encoder and model.num_labels != 1:
+            # Rerank and score give one number per pair; a several-label classifier gives several.
+            raise ValueError(
+                f"{model_dir}: {architectures[0]} with {model.num_labels} labels is not supported; "
+                "Heron serves cross-encoders with one label (a relevance logit)"
+            )
     else:
         config = ArchConfig.from_hf_config(hf_config)
         model = _materialise(resolve_model_class(config.architecture), config, dtype, device)
@@ -392,6 +410,7 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, prog
         dtype=dtype,
         device=device,
         is_embedding=is_embedding,
+        is_cross_encoder=is_cross_encoder,
     )
 
 

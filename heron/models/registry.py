@@ -15,9 +15,14 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("heron.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("heron.models.qwen3", "Qwen3ForCausalLM"),
     "BertModel": ("heron.models.bert", "BertModel"),
+    "BertForSequenceClassification": ("heron.models.bert", "BertForSequenceClassification"),
 }
 
 EMBEDDING_ARCHITECTURES = frozenset({"BertModel"})
+# Encoders that score a (query, document) pair as one sequence: rerankers, served on /v1/rerank
+# and /v1/score. Like embedding models they run on the encoder path (heron.engine.embedding).
+CROSS_ENCODER_ARCHITECTURES = frozenset({"BertForSequenceClassification"})
+ENCODER_ARCHITECTURES = EMBEDDING_ARCHITECTURES | CROSS_ENCODER_ARCHITECTURES
 
 
 def supported_architectures() -> list[str]:

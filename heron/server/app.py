@@ -50,6 +50,7 @@ from heron.server.protocol import (
     tokenize_request_adapter,
 )
 from heron.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from heron.server.protocol.rerank import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from heron.server.registry import ModelRegistry, load_served_models
 from heron.server.routes import ROUTERS
 from heron.server.settings import ServerSettings
@@ -59,7 +60,9 @@ __all__ = ["create_app", "clean_request_id"]
 logger = logging.getLogger("heron.server")
 
 # One log line each once they end.
-_LOGGED_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"})
+_LOGGED_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/score"}
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +191,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             "/v1/completions": (CompletionRequest, CompletionResponse),
             "/v1/responses": (ResponseCreateRequest, ResponseObject),
             "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
+            "/v1/rerank": (RerankRequest, RerankResponse),
+            "/v1/score": (ScoreRequest, ScoreResponse),
             "/tokenize": (tokenize_request_adapter, TokenizeResponse),
             "/detokenize": (DetokenizeRequest, DetokenizeResponse),
         },

@@ -38,7 +38,8 @@ from heron.server.sse import StreamWriter, collect, stream_response
 
 logger = logging.getLogger("heron.server")
 
-_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# /rerank, /v2/rerank and /score: vLLM's aliases of /v1/rerank and /v1/score, held to the same keys.
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/rerank", "/v2/", "/score")
 # Bodies larger than this are decoded and validated on a worker thread, not on the event loop.
 _INLINE_PARSE_BYTES = 64 * 1024
 
@@ -282,14 +283,18 @@ class ServerContext:
     def model(self, name: str, kind: str | None = None) -> ServedModel:
         """The served model `name`; with `kind`, a 400 if it is the other kind."""
         model = self.registry.get(name)
+        # A cross-encoder (kind "score") serves only /v1/rerank and /v1/score.
+        reranker = f"The model `{name}` is a cross-encoder (reranker): it serves /v1/rerank and /v1/score"
         if kind == "generate" and model.kind != "generate":
             raise bad_request(
+                f"{reranker}, not text generation." if model.kind == "score" else
                 f"The model `{name}` is an embedding model: it serves /v1/embeddings, not text generation.",
                 param="model",
                 code="wrong_model_type",
             )
         if kind == "embed" and model.kind != "embed":
             raise bad_request(
+                f"{reranker}, not /v1/embeddings." if model.kind == "score" else
                 f"The model `{name}` generates text: it does not serve /v1/embeddings.",
                 param="model",
                 code="wrong_model_type",

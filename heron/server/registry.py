@@ -33,7 +33,7 @@ logger = logging.getLogger("heron.server")
 @dataclass
 class ServedModel:
     names: list[str]  # every name a request may use
-    kind: str  # "generate" | "embed"
+    kind: str  # "generate" | "embed" | "score" (a cross-encoder: /v1/rerank and /v1/score only)
     loaded: object  # heron.models.loader.LoadedModel
     engine: object  # heron.engine.async_engine.AsyncEngine
     tokenizer: object
@@ -206,7 +206,8 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
 
 
 def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> ServedModel:
-    """Wrap a loaded encoder in an EmbeddingEngine and its micro-batching AsyncEmbeddingEngine."""
+    """Wrap a loaded encoder in an EmbeddingEngine and its micro-batching AsyncEmbeddingEngine:
+    an embedding model (kind "embed"), or a cross-encoder that only scores pairs ("score")."""
     from heron.engine.embedding import AsyncEmbeddingEngine, EmbeddingEngine
 
     engine = EmbeddingEngine(loaded)
@@ -214,7 +215,7 @@ def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> Serve
     async_engine.start()
     return ServedModel(
         names=names or [_default_name(loaded.source)],
-        kind="embed",
+        kind="score" if loaded.is_cross_encoder else "embed",
         loaded=loaded,
         engine=async_engine,
         tokenizer=loaded.tokenizer,

@@ -22,6 +22,8 @@ ENDPOINTS = [
     "DELETE /v1/responses/{response_id}",
     "GET /v1/responses/{response_id}/input_items",
     "POST /v1/embeddings",
+    "POST /v1/rerank",
+    "POST /v1/score",
     "GET /v1/models",
     "GET /v1/models/{model}",
     "POST /tokenize",
