@@ -25,6 +25,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from heron import __version__
 from heron.server.context import ServerContext, error_response, request_record, with_request_id
@@ -53,6 +54,7 @@ from heron.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
 from heron.server.protocol.rerank import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from heron.server.registry import ModelRegistry, load_served_models
 from heron.server.routes import ROUTERS
+from heron.server.routes.service import PLAYGROUND_PATH, STATIC_DIR
 from heron.server.settings import ServerSettings
 
 __all__ = ["create_app", "clean_request_id"]
@@ -183,6 +185,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
 
     for router in ROUTERS:
         app.include_router(router)
+    app.mount(PLAYGROUND_PATH, StaticFiles(directory=STATIC_DIR, html=True), name="playground")  # shown at / too
 
     _install_openapi(
         app,

@@ -1,11 +1,13 @@
-"""Service routes: /health, /metrics, /version and the index at /."""
+"""Service routes: /health, /metrics, /version and the index at / (the playground for browsers)."""
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import html
+from pathlib import Path
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from heron import __version__
 from heron.server.context import context_of, error_response
@@ -33,6 +35,7 @@ ENDPOINTS = [
     "GET /version",
     "GET /docs",
     "GET /openapi.json",
+    "GET /playground/",
 ]
 
 
@@ -70,6 +73,58 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.get("/")
-async def root() -> dict[str, Any]:
-    return {"name": "heron", "version": __version__, "endpoints": ENDPOINTS}
+# The chat playground (heron/server/static: plain HTML/CSS/JS shipped as package data), mounted at
+# PLAYGROUND_PATH by create_app and shown at / to browsers.
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+PLAYGROUND_PATH = "/playground"
+
+
+def _quality(accept: str, media_type: str) -> float:
+    """The q-value `accept` gives `media_type`, from its most specific matching range (RFC 9110)."""
+    main_type = media_type.split("/", 1)[0]
+    best, quality = -1, 0.0
+    for item in accept.split(","):
+        media_range, *parameters = item.split(";")
+        media_range = media_range.strip().lower()
+        if media_range == media_type:
+            specificity = 2
+        elif media_range == f"{main_type}/*":
+            specificity = 1
+        elif media_range == "*/*":
+            specificity = 0
+        else:
+            continue
+        q = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if specificity > best:
+            best, quality = specificity, q
+    return quality
+
+
+def prefers_html(accept: str) -> bool:
+    """True when the Accept header ranks text/html above application/json, as browsers send it
+    (`text/html,...,*/*;q=0.8`). `*/*`, no header, or JSON first: the JSON index."""
+    return _quality(accept, "text/html") > _quality(accept, "application/json")
+
+
+@functools.cache
+def _playground_html() -> str:
+    return (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+
+@router.get("/", response_model=None)
+async def root(request: Request) -> Response:
+    # Vary: the same URL answers HTML or JSON, so caches must key on Accept.
+    headers = {"Vary": "Accept"}
+    if prefers_html(request.headers.get("accept", "")):
+        # index.html names its assets relatively (so any static server can serve the folder);
+        # at / they are found under the mount.
+        base = f'<base href="{html.escape(request.scope.get("root_path", ""))}{PLAYGROUND_PATH}/">'
+        return HTMLResponse(_playground_html().replace("<head>", f"<head>\n{base}", 1), headers=headers)
+    return JSONResponse({"name": "heron", "version": __version__, "endpoints": ENDPOINTS}, headers=headers)
