@@ -70,9 +70,6 @@ def build(isa: str, emulate_with: str | None = None) -> Path:
     """The shared library of `isa`'s build (compiled on first call, then cached). `emulate_with`: a
     SIMDe include directory, to build the AVX-512 code for a CPU without AVX-512 (tests only)."""
     settings = env_settings()
-    compiler = settings.cc or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
     if emulate_with is None:
         flags = _BASE_FLAGS + _ISA_FLAGS[isa]
         name = isa
@@ -82,7 +79,10 @@ def build(isa: str, emulate_with: str | None = None) -> Path:
     digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     target = settings.cache_dir / f"cpu_kernels-{name}-{digest}.so"
     if target.exists():
-        return target
+        return target  # built before (or into an image's cache): no compiler needed
+    compiler = settings.cc or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent processes (test servers) never load half a file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)

@@ -407,6 +407,17 @@ def test_each_build_is_cached_under_its_own_name(tmp_path):
         assert path.parent == tmp_path and "-avx2-" in path.name and kernels.build("avx2") == path
 
 
+def test_a_cached_build_needs_no_compiler(tmp_path, monkeypatch):
+    # The Docker image compiles the kernels in its build stage and ships no compiler.
+    with env.override(cache_dir=tmp_path):
+        path = kernels.build("avx2")
+        monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+        with env.override(cc=None):
+            assert kernels.build("avx2") == path
+        with env.override(cache_dir=tmp_path / "empty", cc=None), pytest.raises(RuntimeError, match="no C compiler"):
+            kernels.build("avx2")
+
+
 @pytest.mark.parametrize(
     "environ,want",
     [({"HERON_CPU_ISA": "avx2"}, "avx2"), ({"HERON_CPU_KERNELS": "0"}, "None"), ({"HERON_CPU_ISA": "auto"}, None)],
