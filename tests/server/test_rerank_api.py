@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +20,10 @@ import numpy as np
 import pytest
 import torch
 from server_helpers import DEFAULT_MODEL, Server, assert_error, make_client, start_server, stop_server
+
+# The tiny cross-encoder is built as the integration tests build it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from cross_encoder import MAX_POSITIONS, build_cross_encoder  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -30,7 +34,7 @@ sentence_transformers = pytest.importorskip("sentence_transformers")
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 RERANKER = "tiny-reranker"
 KEY = "rerank-key"
-RERANKER_MAX_LEN = 128  # the tiny model's position table
+RERANKER_MAX_LEN = MAX_POSITIONS
 
 QUERY = "What is the capital of France?"
 DOCUMENTS = [
@@ -42,28 +46,9 @@ DOCUMENTS = [
 ]
 
 
-def build_reranker(path: Path, minilm_dir: Path) -> Path:
-    """A tiny BertForSequenceClassification (one label), weights redrawn so that every one counts."""
-    config = transformers.BertConfig(
-        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        max_position_embeddings=RERANKER_MAX_LEN, num_labels=1,
-    )
-    model = transformers.BertForSequenceClassification(config).eval()
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1.0 + 0.2 * noise if "LayerNorm" in name else 0.1 * noise)
-    model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
-        if (minilm_dir / name).exists():
-            shutil.copy(minilm_dir / name, path / name)
-    return path
-
-
 @pytest.fixture(scope="module")
 def reranker_dir(tmp_path_factory, minilm_dir) -> Path:
-    return build_reranker(tmp_path_factory.mktemp("tiny-reranker"), minilm_dir)
+    return build_cross_encoder(tmp_path_factory.mktemp("tiny-reranker"), minilm_dir, seed=7)
 
 
 @pytest.fixture(scope="module")
