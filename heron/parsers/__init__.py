@@ -1,8 +1,10 @@
-"""Tool-call parsers: the registry of formats, and picking one from a model's chat template.
+"""Tool-call and reasoning parsers: the registry of formats, and picking one from a chat template.
 
-In: a format name (`get_tool_parser`) or a chat template's source (`detect_tool_parser`).
-Out: a `ToolParser` subclass, which turns generated text into content and tool calls; the shared
-machinery is in `base.py`, and each format lives in its own module, registered under its name.
+In: a format name (`get_tool_parser`, `get_reasoning_parser`) or a chat template's source
+(`detect_tool_parser`, `detect_reasoning_parser`).
+Out: a `ToolParser` subclass, which turns generated text into content and tool calls (the shared
+machinery is in `base.py`, and each format lives in its own module, registered under its name), or
+a `ReasoningParser` subclass (`reasoning.py`), which splits a think block from the content.
 """
 
 from __future__ import annotations
@@ -11,13 +13,23 @@ import importlib
 from collections.abc import Callable
 
 from heron.parsers.base import ParsedDelta, ToolCall, ToolParser
+from heron.parsers.reasoning import (
+    DeepSeekR1ReasoningParser,
+    Qwen3ReasoningParser,
+    ReasoningParser,
+    detect_reasoning_parser,
+)
 
 __all__ = [
     "ParsedDelta",
+    "ReasoningParser",
     "ToolCall",
     "ToolParser",
+    "detect_reasoning_parser",
     "detect_tool_parser",
+    "get_reasoning_parser",
     "get_tool_parser",
+    "reasoning_parser_names",
     "register_tool_parser",
     "tool_parser_names",
 ]
@@ -65,6 +77,28 @@ def detect_tool_parser(chat_template_source: str | None) -> str:
     if "<|python_tag|>" in source or "ipython" in source:
         return "llama3_json"
     return "hermes"
+
+
+_REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
+    "qwen3": Qwen3ReasoningParser,
+    "deepseek_r1": DeepSeekR1ReasoningParser,
+}
+for _name, _cls in _REASONING_PARSERS.items():
+    _cls.name = _name
+
+
+def get_reasoning_parser(name: str) -> type[ReasoningParser]:
+    """The reasoning parser registered under name; ValueError naming the known ones if none."""
+    try:
+        return _REASONING_PARSERS[name]
+    except KeyError:
+        known = ", ".join(reasoning_parser_names())
+        raise ValueError(f"unknown reasoning parser {name!r}; known parsers: {known}, none") from None
+
+
+def reasoning_parser_names() -> list[str]:
+    """The registered reasoning formats, sorted."""
+    return sorted(_REASONING_PARSERS)
 
 
 def _register_formats() -> None:

@@ -2,7 +2,7 @@
 
 Engine outputs become events once, per endpoint (`chat_events` in serving_chat.py,
 `completion_events` in serving_completions.py): text a choice added (with its token ids and shown
-logprobs), tool calls it completed, the echo of its prompt, its end, and each prompt's token
+logprobs), the thinking a reasoning parser took out of that text, tool calls it completed, the echo of its prompt, its end, and each prompt's token
 counts. A streamed answer renders each event as it comes and feeds it to an `Accumulator`; a
 collected answer only feeds the accumulator, then builds its body from it. Usage is computed here
 and nowhere else, so the usage chunk of a stream and the usage of a body are the same numbers.
@@ -15,6 +15,7 @@ from typing import Any
 
 from heron.outputs import TokenLogprob
 from heron.server.protocol import CompletionUsage, PromptTokensDetails
+from heron.server.protocol.common import CompletionTokensDetails
 
 
 @dataclass
@@ -37,6 +38,16 @@ class TextDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob]
     logprob_sum: float = 0.0
+
+
+@dataclass
+class ReasoningDelta:
+    """Thinking a choice added (what its reasoning parser took out of the text). It comes before
+    the TextDelta of the same update, which carries that update's token ids."""
+
+    index: int
+    text: str
+    num_tokens: int = 0  # of the update's tokens, how many went to the thinking (for usage)
 
 
 @dataclass
@@ -68,6 +79,8 @@ class PromptDone:
 class Choice:
     index: int
     texts: list[str] = field(default_factory=list)
+    reasoning_texts: list[str] = field(default_factory=list)
+    reasoning_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     logprob_sum: float = 0.0
@@ -79,6 +92,10 @@ class Choice:
     @property
     def text(self) -> str:
         return "".join(self.texts)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_texts)
 
 
 class Accumulator:
@@ -106,6 +123,11 @@ class Accumulator:
             choice.token_ids.extend(event.token_ids)
             choice.logprobs.extend(event.logprobs)
             choice.logprob_sum += event.logprob_sum
+        elif isinstance(event, ReasoningDelta):
+            choice = self.choice(event.index)
+            if event.text:
+                choice.reasoning_texts.append(event.text)
+            choice.reasoning_tokens += event.num_tokens
         elif isinstance(event, ToolCalls):
             self.choice(event.index).calls.extend(event.calls)
         elif isinstance(event, Echo):
@@ -128,10 +150,13 @@ class Accumulator:
         prompt_tokens = self.num_prompt_tokens
         cached = sum(p.num_cached_tokens for p in self.prompts.values())
         counted = self.choices.values() if choices is None else choices
+        counted = list(counted)
         completion_tokens = sum(len(c.token_ids) for c in counted)
+        reasoning_tokens = sum(c.reasoning_tokens for c in counted)
         return CompletionUsage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning_tokens) if reasoning_tokens else None,
         )

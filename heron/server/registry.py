@@ -23,7 +23,7 @@ from heron.models.bundled import (
     default_chat_model_path,
     default_embedding_model_path,
 )
-from heron.parsers import detect_tool_parser, get_tool_parser
+from heron.parsers import detect_reasoning_parser, detect_tool_parser, get_reasoning_parser, get_tool_parser
 from heron.server.errors import model_not_found
 from heron.server.generation_config import sampling_defaults
 from heron.server.settings import ServerSettings
@@ -46,6 +46,7 @@ class ServedModel:
     fim_tokens: tuple[int, int, int] | None = None  # prefix, suffix, middle ids when the vocab has them
     memory_bytes: int = 0  # weights, plus the KV cache for generation models
     tool_call_parser: str = "hermes"  # a heron.parsers name: how tool calls are read from the text
+    reasoning_parser: str | None = None  # a heron.parsers reasoning format, None: no think blocks
     # Whose text may spell control tokens: "none", "completions" (prompt strings) or "all" (chat
     # message text too); see --special-tokens-in-prompts.
     special_tokens_in_prompts: str = "completions"
@@ -174,6 +175,13 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         template = None
     parser = settings.tool_call_parser or detect_tool_parser(template.source if template is not None else None)
     get_tool_parser(parser)  # an unknown name fails at start-up, not on the first tool request
+    reasoning = settings.reasoning_parser
+    if reasoning is None:
+        reasoning = detect_reasoning_parser(template.source if template is not None else None)
+    elif reasoning == "none":
+        reasoning = None
+    if reasoning is not None:
+        get_reasoning_parser(reasoning)  # likewise
     defaults = sampling_defaults(settings.generation_config, loaded)
     try:
         core.grammar_compiler.prepare()
@@ -201,6 +209,7 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         fim_tokens=_fim_tokens(tokenizer),
         memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
         tool_call_parser=parser,
+        reasoning_parser=reasoning,
         special_tokens_in_prompts=settings.special_tokens_in_prompts,
     )
 

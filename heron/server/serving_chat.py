@@ -3,8 +3,9 @@
 `prepare_chat()` does everything that can fail before a byte is sent (features Heron cannot honour,
 chat template rendering, tokenization, the context-length check, sampling params), so a streamed
 request that is going to fail fails with a proper status code. `chat_events()` turns the engine's
-outputs into the answer's events; `ChatStreamWriter` renders them as chunks, `chat_body()` builds
-the non-streamed response from the same events folded by the accumulator.
+outputs into the answer's events (the thinking split off first by the model's reasoning parser,
+then tool calls read from the rest); `ChatStreamWriter` renders them as chunks, `chat_body()`
+builds the non-streamed response from the same events folded by the accumulator.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from dataclasses import dataclass, field, replace
 
 from heron.models.chat_template import ChatTemplateError
+from heron.parsers import ReasoningParser, get_reasoning_parser
 from heron.outputs import FinishReason, RequestOutput
 from heron.sampling_params import SamplingParams
 from heron.server.errors import APIError, bad_request
@@ -43,7 +45,7 @@ from heron.server.tool_calls import (
     tool_schemas_to_check,
 )
 from heron.structured import CompiledGrammar
-from heron.server.accumulator import Accumulator, Choice, ChoiceEnd, PromptDone, TextDelta, ToolCalls
+from heron.server.accumulator import Accumulator, Choice, ChoiceEnd, PromptDone, ReasoningDelta, TextDelta, ToolCalls
 from heron.server.serving_common import (
     TokenText,
     chat_logprobs,
@@ -73,9 +75,31 @@ class PreparedChat:
     grammar: CompiledGrammar | None = None  # set by compile_chat
     # Choice index -> the finish_reason sent for it, filled as choices end (for the request log).
     finish_reasons: dict[int, str] = field(default_factory=dict)
+    # The reasoning parser's class and its arguments for this prompt; None: no think blocks.
+    reasoning: tuple[type[ReasoningParser], dict[str, bool]] | None = None
 
     def extractor(self) -> ToolCallExtractor | None:
         return ToolCallExtractor(self.tools) if self.tools is not None else None
+
+    def reasoner(self) -> ReasoningParser | None:
+        if self.reasoning is None:
+            return None
+        parser, kwargs = self.reasoning
+        return parser(**kwargs)
+
+
+def reasoning_for(model: ServedModel, prompt: str, constraint: Constraint | None) -> tuple[type[ReasoningParser], dict[str, bool]] | None:
+    """The model's reasoning parser set up for this prompt: whether the template opened (or
+    closed) the block in the prompt. A constrained output is shaped by its grammar from the first
+    token, so there a block counts only when the output writes it out; a tool choice forced by a
+    grammar has no block at all."""
+    if model.reasoning_parser is None or (constraint is not None and constraint.param == "tools"):
+        return None
+    parser = get_reasoning_parser(model.reasoning_parser)
+    kwargs = parser.prompt_state(prompt)
+    if constraint is not None:
+        kwargs = {"implicit_start": False, **({"prompt_closed": True} if kwargs.get("prompt_closed") else {})}
+    return parser, kwargs
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
@@ -215,6 +239,7 @@ def prepare_chat(request: ChatCompletionRequest, model: ServedModel, default_see
     if constraint is not None:
         params.structured_outputs = constraint.spec
     prepared = PreparedChat(request, model, random_id("chatcmpl-"), prompt_ids, params, top_logprobs, tools, constraint)
+    prepared.reasoning = reasoning_for(model, prompt, constraint)
     if tools is not None and tools.mode == "auto" and prepared.extractor().keeps_special_tokens:
         # The format's markers are special tokens: the parser must see them.
         params.skip_special_tokens = False
@@ -278,6 +303,7 @@ async def chat_events(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
     n = prepared.params.n
     finished: set[int] = set()
     extractors = [prepared.extractor() for _ in range(n)]
+    reasoners = [prepared.reasoner() for _ in range(n)]
     try:
         async for output in outputs:
             for completion in output.outputs:
@@ -289,8 +315,19 @@ async def chat_events(prepared: PreparedChat, outputs: AsyncIterator[RequestOutp
                 extractor = extractors[index]
                 ending = completion.finish_reason is not None
                 content, calls = completion.delta_text, []
+                reasoner = reasoners[index]
+                if reasoner is not None:
+                    # Before the tool-call extractor: a call is read from the answer, never from
+                    # inside the thinking.
+                    thought, content = reasoner.feed(content, final=ending)
+                    if thought:
+                        # The update's tokens count as thinking when they wrote only thinking.
+                        num_tokens = 0 if content else len(completion.delta_token_ids)
+                        yield ReasoningDelta(index, thought, num_tokens)
+                    elif not content and reasoner.thinking:
+                        yield ReasoningDelta(index, "", len(completion.delta_token_ids))
                 if extractor is not None:
-                    content, calls = extractor.feed(completion.delta_text, final=ending)
+                    content, calls = extractor.feed(content, final=ending)
                 yield TextDelta(index, content, list(completion.delta_token_ids), shown, sum(e.logprob for e in raw))
                 if calls:
                     yield ToolCalls(index, calls)
@@ -312,18 +349,20 @@ def chat_accumulator(prepared: PreparedChat) -> Accumulator:
 
 def _message(prepared: PreparedChat, choice: Choice) -> ChatCompletionMessage:
     content = choice.text
+    thought = choice.reasoning or None
+    reasoning = {"reasoning": thought, "reasoning_content": thought}
     if not choice.calls:
-        return ChatCompletionMessage(content=content)
+        return ChatCompletionMessage(content=content, **reasoning)
     if prepared.tools.legacy:
         _, _, call = choice.calls[0]
         return ChatCompletionMessage(
-            content=content or None, function_call=FunctionCall(name=call.name, arguments=call.arguments)
+            content=content or None, function_call=FunctionCall(name=call.name, arguments=call.arguments), **reasoning
         )
     tool_calls = [
         ChatCompletionMessageToolCall(id=call_id, function=FunctionCall(name=call.name, arguments=call.arguments))
         for _, call_id, call in choice.calls
     ]
-    return ChatCompletionMessage(content=content or None, tool_calls=tool_calls)
+    return ChatCompletionMessage(content=content or None, tool_calls=tool_calls, **reasoning)
 
 
 def chat_body(prepared: PreparedChat, accumulated: Accumulator) -> ChatCompletionResponse:
@@ -365,8 +404,8 @@ def chat_body(prepared: PreparedChat, accumulated: Accumulator) -> ChatCompletio
 
 
 class ChatStreamWriter:
-    """chat.completion.chunk frames in OpenAI's order: a role delta per choice, content deltas,
-    tool-call deltas, one finish chunk per choice, the usage chunk when asked for, `[DONE]`."""
+    """chat.completion.chunk frames in OpenAI's order: a role delta per choice, reasoning deltas
+    (`reasoning` and `reasoning_content`, the same text) and content deltas, tool-call deltas, one finish chunk per choice, the usage chunk when asked for, `[DONE]`."""
 
     def __init__(self, prepared: PreparedChat, accumulated: Accumulator) -> None:
         request = prepared.request
@@ -391,6 +430,11 @@ class ChatStreamWriter:
         ]
 
     def write(self, event: Any) -> list[bytes]:
+        if isinstance(event, ReasoningDelta):
+            if not event.text:
+                return []
+            delta = ChoiceDelta(reasoning=event.text, reasoning_content=event.text)
+            return [self.chunk([ChatCompletionResponseStreamChoice(index=event.index, delta=delta)])]
         if isinstance(event, TextDelta):
             logprobs = None
             if self.prepared.top_logprobs is not None and event.logprobs:

@@ -6,9 +6,10 @@ and grammars are chat's own. The engine's outputs become chat's events (`chat_ev
 the same accumulator; `response_body()` builds the Response from it, and `ResponsesStreamWriter`
 renders the events as OpenAI's named stream events, ending with the same `response_body()`.
 
-Output layout, streamed or not: one `message` item (if the model wrote any text that is not just
-whitespace), then one `function_call` item per tool call. Calls are streamed when the choice ends,
-so the message always comes first, as in the collected response.
+Output layout, streamed or not: one `reasoning` item (if the model's reasoning parser took any
+thinking out of the text), one `message` item (if the model wrote any text that is not just
+whitespace), then one `function_call` item per tool call. The thinking comes before the answer,
+and calls are streamed when the choice ends, so the stream's order is the collected response's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from heron.server.accumulator import Accumulator, ChoiceEnd, TextDelta
+from heron.server.accumulator import Accumulator, Choice, ChoiceEnd, ReasoningDelta, TextDelta
 from heron.server.errors import APIError, validation_error
 from heron.server.protocol import ChatCompletionTokenLogprob
 from heron.server.protocol.common import now_unix
@@ -45,6 +46,10 @@ from heron.server.protocol.responses import (
     ResponseOutputItemAddedEvent,
     ResponseOutputItemDoneEvent,
     ResponseOutputMessage,
+    ReasoningText,
+    ResponseReasoningItem,
+    ResponseReasoningTextDeltaEvent,
+    ResponseReasoningTextDoneEvent,
     ResponseTextDeltaEvent,
     ResponseTextDoneEvent,
     ResponseUsage,
@@ -66,6 +71,7 @@ class PreparedResponse:
     input_items: list[dict[str, Any]]  # this request's input, as stored items
     response_id: str = field(default_factory=lambda: make_id("resp"))
     message_id: str = field(default_factory=lambda: make_id("msg"))
+    reasoning_id: str = field(default_factory=lambda: make_id("rs"))
     created_at: int = field(default_factory=now_unix)
     # Tool-call id (the chat call id, which is the Responses call_id) -> its item id.
     _item_ids: dict[str, str] = field(default_factory=dict)
@@ -151,6 +157,15 @@ def _message_item(prepared: PreparedResponse, text: str, logprobs: list, status:
     )
 
 
+def _reasoning_item(prepared: PreparedResponse, text: str, status: str) -> ResponseReasoningItem:
+    return ResponseReasoningItem(id=prepared.reasoning_id, status=status, content=[ReasoningText(text=text)])
+
+
+def _reasoning_status(choice: Choice, status: str) -> str:
+    """A reasoning item is complete once an answer followed it; otherwise it ends as the response does."""
+    return "completed" if _shows_message(choice.text) or choice.calls else status
+
+
 def _call_item(prepared: PreparedResponse, call_id: str, call: Any, status: str = "completed") -> ResponseFunctionToolCall:
     return ResponseFunctionToolCall(
         id=prepared.function_call_item_id(call_id),
@@ -166,6 +181,8 @@ def response_body(prepared: PreparedResponse, accumulated: Accumulator) -> Respo
     choice = accumulated.choice(0)
     status, incomplete = _status(choice.finish_reason)
     output: list[Any] = []
+    if choice.reasoning:
+        output.append(_reasoning_item(prepared, choice.reasoning, _reasoning_status(choice, status)))
     if _shows_message(choice.text):
         text = TokenText(prepared.chat.model.tokenizer)
         output.append(_message_item(prepared, choice.text, _logprobs(prepared, text, choice.logprobs), status))
@@ -190,8 +207,10 @@ def conversation_after(prepared: PreparedResponse, response: ResponseObject) -> 
 
 
 class ResponsesStreamWriter:
-    """OpenAI's Responses stream: response.created and .in_progress; for the message,
-    output_item.added, content_part.added, output_text.delta..., output_text.done,
+    """OpenAI's Responses stream: response.created and .in_progress; for the thinking,
+    output_item.added, content_part.added, reasoning_text.delta..., reasoning_text.done,
+    content_part.done, output_item.done (closed when the message opens or the choice ends);
+    for the message, output_item.added, content_part.added, output_text.delta..., output_text.done,
     content_part.done, output_item.done; for each call, output_item.added,
     function_call_arguments.delta and .done, output_item.done; then response.completed (or
     .incomplete) carrying `response_body()`. Every event has the next `sequence_number`.
@@ -210,6 +229,9 @@ class ResponsesStreamWriter:
         self.sent_text: list[str] = []
         self.sent_logprobs: list[OutputTextLogprob] = []
         self.next_output_index = 0
+        self.message_index = 0  # 1 when a reasoning item comes first
+        self.reasoning_open = False
+        self.reasoning_sent: list[str] = []
 
     def _event(self, event_class: type, **fields: Any) -> bytes:
         event = event_class(sequence_number=self.sequence, **fields)
@@ -223,15 +245,45 @@ class ResponsesStreamWriter:
             self._event(ResponseInProgressEvent, response=created),
         ]
 
-    def _open_message(self) -> list[bytes]:
-        self.message_open = True
-        self.next_output_index = 1
+    def _open_reasoning(self) -> list[bytes]:
+        self.reasoning_open = True
+        self.message_index = self.next_output_index = 1
         prepared = self.prepared
-        item = ResponseOutputMessage(id=prepared.message_id, status="in_progress", content=[])
+        item = ResponseReasoningItem(id=prepared.reasoning_id, status="in_progress", content=[])
         return [
             self._event(ResponseOutputItemAddedEvent, output_index=0, item=item),
             self._event(
-                ResponseContentPartAddedEvent, item_id=prepared.message_id, output_index=0, content_index=0,
+                ResponseContentPartAddedEvent, item_id=prepared.reasoning_id, output_index=0, content_index=0,
+                part=ReasoningText(text=""),
+            ),
+        ]
+
+    def _close_reasoning(self, status: str) -> list[bytes]:
+        if not self.reasoning_open:
+            return []
+        self.reasoning_open = False
+        text = "".join(self.reasoning_sent)
+        ids = {"item_id": self.prepared.reasoning_id, "output_index": 0, "content_index": 0}
+        return [
+            self._event(ResponseReasoningTextDoneEvent, text=text, **ids),
+            self._event(ResponseContentPartDoneEvent, part=ReasoningText(text=text), **ids),
+            self._event(
+                ResponseOutputItemDoneEvent, output_index=0, item=_reasoning_item(self.prepared, text, status)
+            ),
+        ]
+
+    def _open_message(self) -> list[bytes]:
+        frames = self._close_reasoning("completed")
+        self.message_open = True
+        index = self.message_index
+        self.next_output_index = index + 1
+        prepared = self.prepared
+        item = ResponseOutputMessage(id=prepared.message_id, status="in_progress", content=[])
+        return [
+            *frames,
+            self._event(ResponseOutputItemAddedEvent, output_index=index, item=item),
+            self._event(
+                ResponseContentPartAddedEvent, item_id=prepared.message_id, output_index=index, content_index=0,
                 part=OutputText(text=""),
             ),
         ]
@@ -243,17 +295,29 @@ class ResponsesStreamWriter:
         prepared = self.prepared
         text = "".join(self.sent_text)
         part = OutputText(text=text, logprobs=self.sent_logprobs)
-        ids = {"item_id": prepared.message_id, "output_index": 0, "content_index": 0}
+        ids = {"item_id": prepared.message_id, "output_index": self.message_index, "content_index": 0}
         return [
             self._event(ResponseTextDoneEvent, text=text, logprobs=self.sent_logprobs, **ids),
             self._event(ResponseContentPartDoneEvent, part=part, **ids),
             self._event(
-                ResponseOutputItemDoneEvent, output_index=0,
+                ResponseOutputItemDoneEvent, output_index=self.message_index,
                 item=_message_item(prepared, text, self.sent_logprobs, status),
             ),
         ]
 
     def write(self, event: Any) -> list[bytes]:
+        if isinstance(event, ReasoningDelta):
+            if not event.text or self.message_open:
+                return []  # thinking after the answer began: kept in the collected body only
+            frames = [] if self.reasoning_open else self._open_reasoning()
+            self.reasoning_sent.append(event.text)
+            frames.append(
+                self._event(
+                    ResponseReasoningTextDeltaEvent, item_id=self.prepared.reasoning_id, output_index=0,
+                    content_index=0, delta=event.text,
+                )
+            )
+            return frames
         if isinstance(event, TextDelta):
             frames: list[bytes] = []
             delta = self.held + event.text
@@ -270,14 +334,16 @@ class ResponsesStreamWriter:
             self.sent_logprobs.extend(logprobs)
             frames.append(
                 self._event(
-                    ResponseTextDeltaEvent, item_id=self.prepared.message_id, output_index=0, content_index=0,
+                    ResponseTextDeltaEvent, item_id=self.prepared.message_id, output_index=self.message_index,
+                    content_index=0,
                     delta=delta, logprobs=logprobs,
                 )
             )
             return frames
         if isinstance(event, ChoiceEnd):
             status, _ = _status(event.finish_reason)
-            frames = self._close_message(status)
+            frames = self._close_reasoning(_reasoning_status(self.accumulated.choice(0), status))
+            frames += self._close_message(status)
             for _, call_id, call in self.accumulated.choice(0).calls:
                 index = self.next_output_index
                 self.next_output_index += 1

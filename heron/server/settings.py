@@ -56,6 +56,16 @@ def _special_tokens_in_prompts(text: str) -> str:
     return value
 
 
+def _reasoning_parser(text: str) -> str:
+    from heron.parsers import reasoning_parser_names
+
+    value = str(text).strip().lower()
+    known = [*reasoning_parser_names(), "none"]
+    if value not in known:
+        raise argparse.ArgumentTypeError(f"not a reasoning parser: {text!r} ({', '.join(known)})")
+    return value
+
+
 def _list(text: str) -> list[str]:
     return [item.strip() for item in str(text).split(",") if item.strip()]
 
@@ -80,6 +90,7 @@ class ServerSettings:
     # Sampling defaults for fields a request omits: auto (the model's own) | openai | a path.
     generation_config: str = "auto"
     tool_call_parser: str | None = None  # None: picked from the chat template
+    reasoning_parser: str | None = None  # None: picked from the chat template; "none": no parser
     special_tokens_in_prompts: str = "completions"  # whose text may spell control tokens: none | completions | all
     # CORS: every origin by default, as vLLM and llama.cpp; --allowed-origins narrows it.
     allowed_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -177,6 +188,14 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         str,
         "how tool calls are read from the model's text: hermes | llama3_json | mistral | generic "
         "(default: picked from the chat template)",
+    ),
+    (
+        "reasoning_parser",
+        ("--reasoning-parser",),
+        "HERON_REASONING_PARSER",
+        _reasoning_parser,
+        "how the model's thinking is split from its answer: qwen3 | deepseek_r1 | none (default: picked from the "
+        "chat template; only templates that write <think> blocks get one)",
     ),
     (
         "special_tokens_in_prompts",

@@ -148,6 +148,11 @@ class ChatCompletionAssistantMessageParam(OpenAIRequestModel):
     name: str | None = None
     tool_calls: list[ChatCompletionMessageToolCallParam] | None = None
     function_call: FunctionCallParam | None = None
+    # The thinking of an earlier answer (vLLM's names, both accepted): passed to the chat template
+    # as message fields (under every name templates read, see chat_template.py), which shows it
+    # only if it reads one (Qwen3's reads `reasoning_content`).
+    reasoning: str | None = None
+    reasoning_content: str | None = None
 
     @model_validator(mode="after")
     def _has_payload(self) -> ChatCompletionAssistantMessageParam:
@@ -346,7 +351,9 @@ class ChatCompletionMessage(OpenAIResponseModel):
     # Omitted when there are none, as OpenAI does (the spec does not make it nullable).
     tool_calls: list[ChatCompletionMessageToolCall] | None = None
     function_call: FunctionCall | None = None
-    # vLLM extension: the text a reasoning parser took out of `content`.
+    # vLLM extension: the text a reasoning parser took out of `content` (`reasoning`, vLLM's new
+    # name, and `reasoning_content`, its old one: the same text in both).
+    reasoning: str | None = None
     reasoning_content: str | None = None
 
     _always_emit: ClassVar[frozenset[str]] = frozenset({"content", "refusal"})
@@ -415,6 +422,8 @@ class ChoiceDelta(OpenAIResponseModel):
     refusal: str | None = None
     tool_calls: list[ChoiceDeltaToolCall] | None = None
     function_call: ChoiceDeltaFunctionCall | None = None
+    # The reasoning streamed: the same text under both names, as on the message.
+    reasoning: str | None = None
     reasoning_content: str | None = None
 
     _null_when_set: ClassVar[frozenset[str]] = frozenset({"content", "refusal"})
