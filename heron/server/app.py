@@ -51,6 +51,8 @@ from heron.server.protocol import (
     tokenize_request_adapter,
 )
 from heron.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
+from heron.server.protocol.messages import anthropic_error_body
+from heron.server.protocol.messages import CountTokensRequest, MessageObject, MessagesRequest, MessageTokensCount
 from heron.server.protocol.rerank import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from heron.server.registry import ModelRegistry, load_served_models
 from heron.server.routes import ROUTERS
@@ -63,8 +65,17 @@ logger = logging.getLogger("heron.server")
 
 # One log line each once they end.
 _LOGGED_ROUTES = frozenset(
-    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/rerank", "/v1/score"}
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/score"}
 )
+# Anthropic's Messages API: errors under these paths come in Anthropic's envelope, not OpenAI's.
+_ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def _error_response(request: Request, error: APIError) -> JSONResponse:
+    """`error` in the envelope the path's API uses (same status, same headers)."""
+    if request.url.path.startswith(_ANTHROPIC_PREFIX):
+        return JSONResponse(anthropic_error_body(error.status, error.message), status_code=error.status, headers=error.headers)
+    return error_response(error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +157,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         request_record(request).error = exc.code or exc.type
         if exc.status == 500:
             exc = with_request_id(exc, request)
-        return error_response(exc)
+        return _error_response(request, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -157,21 +168,25 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         else:
             message = str(exc.detail)
         error = APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
-        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        if request.url.path.startswith(_ANTHROPIC_PREFIX):
+            body = anthropic_error_body(exc.status_code, message)
+        else:
+            body = error.body()
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(bad_request(str(exc)))
+        return _error_response(request, bad_request(str(exc)))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         if context.drain.draining:
             # Shutting down: a request caught half way (its compile pool or engine just closed)
             # is turned away like any other during the drain, not reported as our bug.
-            return error_response(context.drain.refusal())
+            return _error_response(request, context.drain.refusal())
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
         error = APIError(500, f"Internal server error ({type(exc).__name__}).", code="internal_error")
-        return error_response(with_request_id(error, request))
+        return _error_response(request, with_request_id(error, request))
 
     def log_request(scope: dict, route: str, status: int, record: RequestRecord) -> None:
         """One line per generation / embedding request once it has ended (MetricsMiddleware calls it)."""
@@ -194,6 +209,8 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
             "/v1/completions": (CompletionRequest, CompletionResponse),
             "/v1/responses": (ResponseCreateRequest, ResponseObject),
             "/v1/embeddings": (EmbeddingRequest, EmbeddingResponse),
+            "/v1/messages": (MessagesRequest, MessageObject),
+            "/v1/messages/count_tokens": (CountTokensRequest, MessageTokensCount),
             "/v1/rerank": (RerankRequest, RerankResponse),
             "/v1/score": (ScoreRequest, ScoreResponse),
             "/tokenize": (tokenize_request_adapter, TokenizeResponse),

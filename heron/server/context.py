@@ -49,8 +49,13 @@ def error_response(error: APIError) -> JSONResponse:
 
 
 def _bearer_token(request: Request) -> str | None:
+    """The API key a request presents: `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`
+    (the bearer token wins when both are sent)."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    key = request.headers.get("x-api-key", "").strip()
+    return key or None
 
 
 def authorize(request: Request, keys: list[str]) -> None:
@@ -61,7 +66,7 @@ def authorize(request: Request, keys: list[str]) -> None:
         raise APIError(
             401,
             "You didn't provide an API key. You need to provide your API key in an Authorization header using "
-            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or an x-api-key header.",
             code="missing_api_key",
         )
     # Compare against every key in constant time so timing does not reveal a prefix.

@@ -232,3 +232,32 @@ def test_tool_call_after_the_thinking_is_read_and_one_inside_is_not(qwen3):
     streamed_calls = [t for d in deltas for t in d.get("tool_calls") or [] if t.get("function", {}).get("name")]
     assert len(streamed_calls) == 1
 
+
+def test_messages_api_returns_the_thinking_as_a_thinking_block(r1):
+    # /v1/messages: the same thinking as chat's message.reasoning, as Anthropic's `thinking` block
+    # before the text, collected and streamed (thinking_delta, signature_delta) alike.
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=str(r1.base_url).rstrip("/"), api_key="unused")
+    ask = {"model": "tiny-qwen3", "max_tokens": 12, "messages": [{"role": "user", "content": "Think."}],
+           "extra_body": {"temperature": 0}}
+    chat = r1.post("/v1/chat/completions", json={"model": "tiny-qwen3", "messages": [{"role": "user", "content": "Think."}],
+                                                  "max_tokens": 12, "temperature": 0}).json()
+    thought = chat["choices"][0]["message"]["reasoning"]
+    assert thought
+
+    message = client.messages.create(**ask)
+    assert message.content[0].type == "thinking" and message.content[0].thinking == thought
+    assert [block.type for block in message.content[1:]] in ([], ["text"])
+    if len(message.content) > 1:
+        assert message.content[1].text == chat["choices"][0]["message"]["content"]
+
+    with client.messages.stream(**ask) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    deltas = [e.delta for e in events if e.type == "content_block_delta"]
+    assert "".join(d.thinking for d in deltas if d.type == "thinking_delta") == thought
+    assert any(d.type == "signature_delta" for d in deltas)
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in message.content]
+    starts = [e.index for e in events if e.type == "content_block_start"]
+    assert starts == list(range(len(message.content)))

@@ -4,6 +4,6 @@ Each route parses its body through the ServerContext (heron/server/context.py), 
 in its serving module, and sends generation answers through `ServerContext.answer()`.
 """
 
-from heron.server.routes import chat, completions, embeddings, models, rerank, responses, service, tokenize
+from heron.server.routes import chat, completions, embeddings, messages, models, rerank, responses, service, tokenize
 
-ROUTERS = (chat.router, completions.router, responses.router, embeddings.router, rerank.router, models.router, tokenize.router, service.router)
+ROUTERS = (chat.router, completions.router, responses.router, messages.router, embeddings.router, rerank.router, models.router, tokenize.router, service.router)
