@@ -32,11 +32,13 @@ from heron.server.context import ServerContext, error_response, request_record, 
 from heron.server.errors import APIError, bad_request
 from heron.server.metrics import MetricsMiddleware, RequestRecord, format_request_log
 from heron.server.middleware import (
+    ANTHROPIC_PREFIX,
     IGNORED_FIELDS_HEADER,
     REQUEST_ID_HEADER,
     ErrorEnvelopeCORSMiddleware,
     RequestContextMiddleware,
     clean_request_id,
+    error_body,
 )
 from heron.server.protocol import (
     ChatCompletionRequest,
@@ -51,7 +53,6 @@ from heron.server.protocol import (
     tokenize_request_adapter,
 )
 from heron.server.protocol.embeddings import EmbeddingRequest, EmbeddingResponse
-from heron.server.protocol.messages import anthropic_error_body
 from heron.server.protocol.messages import CountTokensRequest, MessageObject, MessagesRequest, MessageTokensCount
 from heron.server.protocol.rerank import RerankRequest, RerankResponse, ScoreRequest, ScoreResponse
 from heron.server.registry import ModelRegistry, load_served_models
@@ -67,15 +68,11 @@ logger = logging.getLogger("heron.server")
 _LOGGED_ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/embeddings", "/v1/rerank", "/v1/score"}
 )
-# Anthropic's Messages API: errors under these paths come in Anthropic's envelope, not OpenAI's.
-_ANTHROPIC_PREFIX = "/v1/messages"
-
-
 def _error_response(request: Request, error: APIError) -> JSONResponse:
     """`error` in the envelope the path's API uses (same status, same headers)."""
-    if request.url.path.startswith(_ANTHROPIC_PREFIX):
-        return JSONResponse(anthropic_error_body(error.status, error.message), status_code=error.status, headers=error.headers)
-    return error_response(error)
+    if request.url.path.startswith(ANTHROPIC_PREFIX):
+        return JSONResponse(error_body(request.url.path, error), status_code=error.status, headers=error.headers)
+    return error_response(error)  # OpenAI's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +165,7 @@ def create_app(settings: ServerSettings | None = None, registry: ModelRegistry |
         else:
             message = str(exc.detail)
         error = APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None)
-        if request.url.path.startswith(_ANTHROPIC_PREFIX):
-            body = anthropic_error_body(exc.status_code, message)
-        else:
-            body = error.body()
+        body = error_body(request.url.path, error)
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -15,11 +15,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from heron.server.errors import APIError
+from heron.server.protocol.messages import anthropic_error_body
 from heron.server.limits import Drain
 from heron.server.timeouts import BodyDeadline, BodyTimeout
 
 IGNORED_FIELDS_HEADER = "X-Heron-Ignored-Fields"
 REQUEST_ID_HEADER = "X-Request-Id"
+# Anthropic's Messages API: errors under these paths come in Anthropic's envelope, not OpenAI's.
+ANTHROPIC_PREFIX = "/v1/messages"
 # Paths still answered while draining: /health (which then says 503 itself) and monitoring.
 _DURING_DRAIN = frozenset({"/health", "/metrics"})
 
@@ -74,11 +77,11 @@ class RequestContextMiddleware:
             await send(message)
 
         if self.drain.draining and scope["path"] not in _DURING_DRAIN:
-            await _send_error(send_with_id, self.drain.refusal())
+            await _send_error(send_with_id, self.drain.refusal(), scope["path"])
             return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await self._too_large(send_with_id)
+            await self._too_large(send_with_id, scope["path"])
             return
         received = 0
         bounded_receive = BodyDeadline(receive, self.body_timeout)
@@ -97,7 +100,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
-            await self._too_large(send_with_id)
+            await self._too_large(send_with_id, scope["path"])
         except BodyTimeout:
             # The rest of the body may still be on its way: the connection cannot carry another request.
             error = APIError(
@@ -106,21 +109,28 @@ class RequestContextMiddleware:
                 code="request_timeout",
                 headers={"Connection": "close"},
             )
-            await _send_error(send_with_id, error)
+            await _send_error(send_with_id, error, scope["path"])
         finally:
             self.drain.in_progress -= 1
 
-    async def _too_large(self, send: Callable) -> None:
+    async def _too_large(self, send: Callable, path: str) -> None:
         error = APIError(
             413,
             f"The request body is larger than this server accepts ({self.max_body_bytes} bytes).",
             code="request_too_large",
         )
-        await _send_error(send, error)
+        await _send_error(send, error, path)
 
 
-async def _send_error(send: Callable, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
+def error_body(path: str, error: APIError) -> dict:
+    """`error` in the envelope the path's API uses: Anthropic's under /v1/messages, else OpenAI's."""
+    if path.startswith(ANTHROPIC_PREFIX):
+        return anthropic_error_body(error.status, error.message)
+    return error.body()
+
+
+async def _send_error(send: Callable, error: APIError, path: str) -> None:
+    body = json.dumps(error_body(path, error)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})

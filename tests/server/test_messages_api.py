@@ -235,3 +235,16 @@ def test_x_api_key_auth(strict_server):
     # x-api-key works on the OpenAI routes too.
     models = httpx.get(f"{strict_server.base_url}/v1/models", headers={"x-api-key": STRICT_KEYS[0]}, timeout=30)
     assert models.status_code == 200
+
+
+def test_errors_sent_before_routing_use_anthropics_envelope(strict_server):
+    # The body limit (4 KiB on the strict server) is enforced by middleware before any route runs;
+    # on /v1/messages its 413 still comes in Anthropic's envelope, and OpenAI's elsewhere.
+    big = {"model": strict_server.model, "max_tokens": 4, "messages": [{"role": "user", "content": "x" * 8192}]}
+    headers = {"x-api-key": STRICT_KEYS[0]}
+    refused = httpx.post(f"{strict_server.base_url}/v1/messages", json=big, headers=headers, timeout=30)
+    assert refused.status_code == 413
+    assert refused.json() == {"type": "error", "error": {"type": "request_too_large", "message": refused.json()["error"]["message"]}}
+    assert "larger than this server accepts" in refused.json()["error"]["message"]
+    chat = httpx.post(f"{strict_server.base_url}/v1/chat/completions", json=big, headers=headers, timeout=30)
+    assert chat.status_code == 413 and chat.json()["error"]["code"] == "request_too_large"
