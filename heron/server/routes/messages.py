@@ -12,10 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from heron.server.context import context_of, ignored_fields_headers, json_response, request_record
-from heron.server.protocol.messages import CountTokensRequest, MessageObject, MessagesRequest, MessageTokensCount
-from heron.server.serving_chat import chat_accumulator, chat_events, compile_chat
+from heron.server.protocol.messages import CountTokensRequest, MessagesRequest, MessageTokensCount
+from heron.server.routes.chat import answer_chat
 from heron.server.serving_messages import MessagesStreamWriter, count_input_tokens, message_body, prepare_message
-from heron.server.sse import until_disconnect
 
 router = APIRouter(tags=["Anthropic"])
 
@@ -33,34 +32,15 @@ async def create_message(request: Request) -> Response:
     context.rate_check(request)
     with context.admitted(1) as release:
         prepared = await asyncio.to_thread(prepare_message, parsed, model, settings.seed)
-        chat = prepared.chat
-        context.rate_limit(request, len(chat.prompt_token_ids) + chat.params.max_tokens)
-        await until_disconnect(request, compile_chat(chat))
-        record.finish_reasons, record.num_choices = chat.finish_reasons, 1
-        outputs = context.metrics.track(
-            model.engine.generate(
-                chat.prompt_token_ids,
-                chat.params,
-                prepared.message_id,
-                cache_salt=context.cache_salt(request, None),
-                grammar=chat.grammar,
-            ),
-            record, model.name, len(chat.prompt_token_ids), 1,
-        )
-        accumulated = chat_accumulator(chat)
-
-        def body() -> MessageObject:
-            return message_body(prepared, accumulated)
-
-        return await context.answer(
-            request,
+        return await answer_chat(
+            request, context, model, prepared.chat,
+            request_id=prepared.message_id,
+            cache_salt=None,
             stream=bool(parsed.stream),
-            events=chat_events(chat, outputs),
-            accumulator=accumulated,
-            writer=lambda: MessagesStreamWriter(prepared, accumulated),
-            body=body,
+            writer=lambda accumulated: MessagesStreamWriter(prepared, accumulated),
+            body=lambda accumulated: message_body(prepared, accumulated),
             release=release,
-            headers=ignored_fields_headers(unknown),
+            unknown=unknown,
         )
 
 

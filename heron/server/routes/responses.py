@@ -13,11 +13,12 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from heron.server.context import ServerContext, context_of, ignored_fields_headers, request_record
+from heron.server.context import ServerContext, context_of, request_record
 from heron.server.errors import APIError, bad_request
 from heron.server.protocol.responses import ResponseCreateRequest, ResponseDeleted, ResponseObject
 from heron.server.responses_store import ResponseTooLargeError
-from heron.server.serving_chat import chat_accumulator, chat_events, compile_chat
+from heron.server.accumulator import Accumulator
+from heron.server.routes.chat import answer_chat
 from heron.server.serving_responses import (
     PreparedResponse,
     ResponsesStreamWriter,
@@ -25,7 +26,6 @@ from heron.server.serving_responses import (
     prepare_response,
     response_body,
 )
-from heron.server.sse import until_disconnect
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -69,36 +69,23 @@ async def create_response(request: Request) -> Response:
     context.rate_check(request)
     with context.admitted(1) as release:
         prepared = await asyncio.to_thread(prepare_response, parsed, model, settings.seed, history)
-        chat = prepared.chat
-        context.rate_limit(request, len(chat.prompt_token_ids) + chat.params.max_tokens)
-        await until_disconnect(request, compile_chat(chat))
-        record.finish_reasons, record.num_choices = chat.finish_reasons, 1
-        outputs = context.metrics.track(
-            model.engine.generate(
-                chat.prompt_token_ids,
-                chat.params,
-                prepared.response_id,
-                cache_salt=context.cache_salt(request, parsed.cache_salt),
-                grammar=chat.grammar,
-            ),
-            record, model.name, len(chat.prompt_token_ids), 1,
-        )
-        accumulated = chat_accumulator(chat)
 
-        def body() -> ResponseObject:
+        def body(accumulated: Accumulator) -> ResponseObject:
             response = response_body(prepared, accumulated)
             _store(context, prepared, response)
             return response
 
-        return await context.answer(
-            request,
+        return await answer_chat(
+            request, context, model, prepared.chat,
+            request_id=prepared.response_id,
+            cache_salt=parsed.cache_salt,
             stream=bool(parsed.stream),
-            events=chat_events(chat, outputs),
-            accumulator=accumulated,
-            writer=lambda: ResponsesStreamWriter(prepared, accumulated, lambda r: _store(context, prepared, r)),
+            writer=lambda accumulated: ResponsesStreamWriter(
+                prepared, accumulated, lambda response: _store(context, prepared, response)
+            ),
             body=body,
             release=release,
-            headers=ignored_fields_headers(unknown),
+            unknown=unknown,
         )
 
 
