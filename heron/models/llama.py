@@ -6,6 +6,13 @@ on a 2-core CPU); `load_weights` fills the fused matrices from Hugging Face's se
 elementwise ops (heron.models.layers.decoder_ops) the model runs with there, so each layer has one
 code path. `forward` returns hidden states for the whole batch; `compute_logits` projects only the
 rows the sampler needs.
+
+Tensor parallelism (heron.distributed.parallel_state): built inside a rank of a group of N, each
+layer holds its share and `load_weights` cuts it from the checkpoint's full tensors. Q/K/V and
+gate/up are column-parallel (each rank its heads and MLP columns), O and down row-parallel (a slice
+of their input, then an all-reduce of the partial sums); the embedding and LM head are
+vocab-parallel (each rank a range of rows: a lookup outside it gives zeros and the all-reduce adds
+the owner's row; logits are all-gathered). Norms and RoPE are replicated. At N=1 none of this runs.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from heron.distributed.parallel_state import TPLayout, get_tp
 from heron.models.arch_config import ArchConfig
 from heron.models.layers.decoder_ops import DecoderOps
 from heron.models.layers.linear import Linear
@@ -27,6 +35,13 @@ from heron.worker.attention import AttentionBackend, AttentionLayer, choose_back
 from heron.worker.forward_batch import ForwardBatch
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+def tp_layout(config: ArchConfig) -> TPLayout:
+    """This process's share of a decoder of `config` (the whole of it outside tensor parallelism)."""
+    tp = get_tp()
+    return TPLayout(tp.rank, tp.size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                    config.intermediate_size, config.vocab_size)
 
 
 @dataclass(frozen=True)
@@ -43,8 +58,10 @@ class DecoderStep:
 class LlamaAttention(nn.Module):
     def __init__(self, config: ArchConfig, layer_idx: int):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        layout = tp_layout(config)
+        self.tp = get_tp()
+        self.num_heads = layout.local_heads
+        self.num_kv_heads = layout.local_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -63,17 +80,19 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = step.ops.rotate(*self.project_qk(q, k), step.rope)
-        return self.o_proj(step.attention.forward(self.attn, q, k, v, kv_cache, step.metadata))
+        return self.tp.all_reduce(self.o_proj(step.attention.forward(self.attn, q, k, v, kv_cache, step.metadata)))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ArchConfig):
         super().__init__()
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tp = get_tp()
+        self.intermediate_size = tp_layout(config).local_intermediate
+        self.gate_up_proj = Linear(config.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = Linear(self.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ops: DecoderOps) -> torch.Tensor:
-        return self.down_proj(ops.gated_act(self.gate_up_proj(x)))
+        return self.tp.all_reduce(self.down_proj(ops.gated_act(self.gate_up_proj(x))))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -96,7 +115,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ArchConfig, layer_class: type[LlamaDecoderLayer]):
         super().__init__()
-        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(tp_layout(config).vocab_per_rank, config.hidden_size)
         self.layers = nn.ModuleList(layer_class(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -115,12 +134,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ArchConfig, rope_freq_factors: torch.Tensor | None = None):
         super().__init__()
         self.config = config
+        self.tp = get_tp()
+        self.layout = tp_layout(config)
         self.model = LlamaModel(config, self.layer_class)
+        vocab_rows = self.layout.vocab_per_rank
         if config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.hidden_size, vocab_rows, bias=False)
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -151,16 +173,28 @@ class LlamaForCausalLM(nn.Module):
             self.attention_backend.build_metadata(batch),
         )
         kv_caches = batch.kv_caches if batch.kv_caches is not None else [None] * len(self.model.layers)
-        x = self.model.embed_tokens(batch.input_ids)
+        x = self._embed(batch.input_ids)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, step, kv_cache)
         return ops.add_rms_norm(x, None, self.model.norm)[1]
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return self.model.embed_tokens(ids)
+        local = ids - self.layout.vocab_start
+        outside = (local < 0) | (local >= self.layout.vocab_per_rank)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits in float32 (the sampler's precision) for the given hidden rows."""
         if self.config.tie_word_embeddings and self.model.embed_tokens.packed is not None:
-            return self.model.embed_tokens.project(hidden)
-        return self.lm_head(hidden).float()
+            logits = self.model.embed_tokens.project(hidden)
+        else:
+            logits = self.lm_head(hidden).float()
+        if self.tp.size == 1:
+            return logits
+        return self.tp.all_gather(logits)[:, : self.config.vocab_size]
 
     @classmethod
     def module_of(cls, name: str) -> str:
@@ -176,7 +210,22 @@ class LlamaForCausalLM(nn.Module):
         attn = self.model.layers[0].self_attn
         if fused == "qkv_proj":
             return [attn.q_size, attn.kv_size, attn.kv_size]
-        return [self.config.intermediate_size] * 2
+        return [self.model.layers[0].mlp.intermediate_size] * 2
+
+    def _tp_slice(self, name: str, tensor: torch.Tensor | QuantizedTensor) -> torch.Tensor | QuantizedTensor:
+        """This rank's share of a checkpoint tensor (see the module docstring)."""
+        module_name = name.rpartition(".")[0]
+        part = module_name.rpartition(".")[2]
+        layout = self.layout
+        if part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            return _rows(tensor, *layout.rows(part))
+        if part in ("o_proj", "down_proj"):
+            if not name.endswith(".weight"):  # the all-reduce would add it once per rank
+                raise ValueError(f"{name}: a bias on a row-parallel layer cannot be split over ranks")
+            return _columns(name, tensor, *layout.columns(part), layout.size)
+        if module_name in ("model.embed_tokens", "lm_head"):
+            return _rows(tensor, layout.vocab_start, layout.vocab_per_rank, pad=True)
+        return tensor
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (HF name, tensor) pairs into the parameters, one tensor at a time.
@@ -191,6 +240,8 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if self.config.tie_word_embeddings and name == "lm_head.weight":
                 continue
+            if self.tp.size > 1:
+                tensor = self._tp_slice(name, tensor)
             module_name, _, kind = name.rpartition(".")
             shard, sizes = 0, None
             for part, (fused, index) in self._fused_shards.items():
@@ -245,3 +296,35 @@ class LlamaForCausalLM(nn.Module):
             if fused == fused_name and int(index) == shard:
                 return f"{prefix}.{part}.{kind}"
         return pname
+
+
+def _rows(tensor: torch.Tensor | QuantizedTensor, start: int, count: int, pad: bool = False):
+    """Rows start.. start + count of a [out, ...] tensor or block matrix; with `pad`, rows past its
+    end are zeros (the last vocab-parallel rank's share of a vocabulary that does not split evenly)."""
+    if isinstance(tensor, QuantizedTensor):
+        blocks = _take_rows(tensor.blocks, start, count, pad)
+        return QuantizedTensor(tensor.qtype, blocks, (blocks.shape[0], tensor.shape[1]))
+    return _take_rows(tensor, start, count, pad)
+
+
+def _take_rows(t: torch.Tensor, start: int, count: int, pad: bool) -> torch.Tensor:
+    have = max(0, min(count, t.shape[0] - start))
+    part = t[start : start + have]
+    if pad and have < count:
+        part = torch.cat([part, part.new_zeros(count - have, *t.shape[1:])])
+    return part.contiguous()
+
+
+def _columns(name: str, tensor: torch.Tensor | QuantizedTensor, start: int, count: int, size: int):
+    """Input columns start.. start + count of a row-parallel weight [out, in]. GGML blocks run along
+    a row, 32 values each: the cut must fall between blocks."""
+    if not isinstance(tensor, QuantizedTensor):
+        return tensor[:, start : start + count].contiguous()
+    if start % 32 or count % 32:
+        raise ValueError(
+            f"--tensor-parallel-size {size} would cut {name} ({tensor.qtype}, blocks of 32 values) inside a block: "
+            f"each rank's {count} input columns must be a multiple of 32"
+        )
+    per_block = tensor.blocks.shape[1] // (tensor.shape[1] // 32)
+    blocks = tensor.blocks[:, start // 32 * per_block : (start + count) // 32 * per_block].contiguous()
+    return QuantizedTensor(tensor.qtype, blocks, (tensor.shape[0], count))

@@ -171,7 +171,7 @@ class GenerationDefaults:
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when loaded with_weights=False (the model runs in workers)
     arch_config: ArchConfig | None  # None for encoder models, which keep their HF config dict
     hf_config: dict[str, Any] | None
     tokenizer: Tokenizer
@@ -256,10 +256,13 @@ def _kept_blocks(gguf: GGUFFile | None, device: torch.device, keep_quantized: bo
 
 
 def _load_gguf(path: Path, gguf: GGUFFile, dtype: torch.dtype, device: torch.device, progress: bool,
-               keep: set[str]) -> LoadedModel:
+               keep: set[str], with_weights: bool = True) -> LoadedModel:
     names = set(gguf.tensor_names)
     config = ArchConfig.from_gguf(gguf, has_output_weight="output.weight" in names)
     model_class = resolve_model_class(config.architecture)
+    if not with_weights:
+        return _without_weights(path, config, Tokenizer.from_gguf(gguf.metadata), gguf.metadata.get("tokenizer.chat_template"),
+                                GenerationDefaults(eos_token_ids=config.eos_token_ids), "gguf", gguf.num_parameters, dtype, device)
     freq_factors = None
     if "rope_freqs.weight" in names:
         freq_factors = next(t for n, t in gguf.iter_tensors(torch.float32, only={"rope_freqs.weight"}))
@@ -369,7 +372,29 @@ def _num_safetensors(model_dir: Path) -> int:
     return count
 
 
-def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool) -> LoadedModel:
+def _without_weights(path: Path, config: ArchConfig, tokenizer: Tokenizer, chat_template: str | None,
+                     generation: GenerationDefaults, source_format: str, num_parameters: int, dtype: torch.dtype,
+                     device: torch.device, hf_config: dict[str, Any] | None = None) -> LoadedModel:
+    """A decoder's description without its weights: what an API server whose model runs in worker
+    processes (tensor-parallel ranks, data-parallel replicas) needs of it."""
+    return LoadedModel(
+        model=None,
+        arch_config=config,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        generation=generation,
+        source=str(path),
+        source_format=source_format,
+        quantization="in the workers",
+        num_parameters=num_parameters,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, progress: bool,
+                 with_weights: bool = True) -> LoadedModel:
     hf_config = json.loads((model_dir / "config.json").read_text())
     tokenizer = Tokenizer.from_hf_dir(model_dir)
     architectures = hf_config.get("architectures") or []
@@ -387,6 +412,11 @@ def _load_hf_dir(model_dir: Path, dtype: torch.dtype, device: torch.device, prog
             )
     else:
         config = ArchConfig.from_hf_config(hf_config)
+        if not with_weights:
+            with torch.device("meta"):
+                count = sum(p.numel() for p in resolve_model_class(config.architecture)(config).parameters())
+            return _without_weights(model_dir, config, tokenizer, tokenizer.chat_template,
+                                    _generation_defaults(model_dir, hf_config), "hf", count, dtype, device, hf_config)
         model = _materialise(resolve_model_class(config.architecture), config, dtype, device)
     update = _progress(f"Loading {model_dir.name}", _num_safetensors(model_dir), progress)
 
@@ -433,18 +463,21 @@ def load_model(
     device: str = "auto",
     progress: bool = True,
     keep_quantized: bool = True,
+    with_weights: bool = True,
 ) -> LoadedModel:
     """keep_quantized: run GGUF matrices from their blocks where the CPU kernels can (an x86-64 CPU
-    with AVX2, whatever the dtype); False dequantizes every tensor to `dtype` at load time."""
+    with AVX2, whatever the dtype); False dequantizes every tensor to `dtype` at load time.
+    with_weights=False: a decoder's config, tokenizer and chat template only (`model` is None), for
+    a process whose model runs elsewhere; an encoder loads whole either way."""
     path = resolve_model_path(None if model is None else str(model))
     torch_device = resolve_device(device)
     if path.is_file():
         gguf = GGUFFile(path)
         keep = _kept_blocks(gguf, torch_device, keep_quantized)
         run_path = _run_path(dtype, torch_device, bool(keep))
-        loaded = _load_gguf(path, gguf, run_path.dtype, torch_device, progress, keep)
+        loaded = _load_gguf(path, gguf, run_path.dtype, torch_device, progress, keep, with_weights)
     else:
         run_path = _run_path(dtype, torch_device, False, _is_embedding_dir(path))
-        loaded = _load_hf_dir(path, run_path.dtype, torch_device, progress)
+        loaded = _load_hf_dir(path, run_path.dtype, torch_device, progress, with_weights)
     loaded.run_path = run_path
     return loaded

@@ -56,6 +56,16 @@ def _special_tokens_in_prompts(text: str) -> str:
     return value
 
 
+def _choice(*values: str):
+    def parse(text: str) -> str:
+        value = str(text).strip().lower()
+        if value not in values:
+            raise argparse.ArgumentTypeError(f"not one of {', '.join(values)}: {text!r}")
+        return value
+
+    return parse
+
+
 def _reasoning_parser(text: str) -> str:
     from heron.parsers import reasoning_parser_names
 
@@ -85,6 +95,13 @@ class ServerSettings:
     dtype: str = "auto"
     device: str = "auto"
     kv_cache_memory: int | None = None  # bytes
+    # Scale-out (heron.distributed): ranks sharing each replica's model, replicas behind the router.
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_policy: str = "prefix_aware"  # prefix_aware | least_loaded | round_robin
+    data_parallel_load_bound: int = 4  # prefix affinity holds while a replica's load <= least + this
+    distributed_executor_backend: str = "mp"  # mp (local processes) | ray (actors on a Ray cluster)
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
     seed: int | None = None
     chat_template: str | None = None
     # Sampling defaults for fields a request omits: auto (the model's own) | openai | a path.
@@ -168,6 +185,54 @@ _OPTIONS: list[tuple[str, tuple[str, ...], str, Any, str]] = [
         f"token budget of one engine step (prefill chunks + decodes; default {describe_batched_tokens_default()})",
     ),
     ("dtype", ("--dtype",), "HERON_DTYPE", str, "auto | float32 | bfloat16 | float16"),
+    (
+        "tensor_parallel_size",
+        ("--tensor-parallel-size", "-tp"),
+        "HERON_TENSOR_PARALLEL_SIZE",
+        int,
+        "split each replica's model over this many worker processes (attention heads, MLP and vocabulary "
+        "sharded; all-reduce over gloo on CPU, NCCL on CUDA) (default 1: no split)",
+    ),
+    (
+        "data_parallel_size",
+        ("--data-parallel-size", "-dp"),
+        "HERON_DATA_PARALLEL_SIZE",
+        int,
+        "engine replicas (processes) behind this one API server, each with its own KV and prefix cache (default 1)",
+    ),
+    (
+        "data_parallel_policy",
+        ("--data-parallel-policy",),
+        "HERON_DATA_PARALLEL_POLICY",
+        _choice("prefix_aware", "least_loaded", "round_robin"),
+        "how a request picks its replica: prefix_aware (default: the replica holding the prompt's leading KV "
+        "blocks, while its load stays within --data-parallel-load-bound of the least loaded) | least_loaded | "
+        "round_robin",
+    ),
+    (
+        "data_parallel_load_bound",
+        ("--data-parallel-load-bound",),
+        "HERON_DATA_PARALLEL_LOAD_BOUND",
+        int,
+        "requests (running + waiting) a prefix's replica may carry beyond the least loaded one before the "
+        "router sends the prefix elsewhere (default 4)",
+    ),
+    (
+        "distributed_executor_backend",
+        ("--distributed-executor-backend",),
+        "HERON_DISTRIBUTED_EXECUTOR_BACKEND",
+        _choice("mp", "ray"),
+        "where tensor-parallel workers and data-parallel replicas run: mp (default: processes on this "
+        "machine) | ray (actors on a Ray cluster; pip install 'heron[ray]')",
+    ),
+    (
+        "ray_address",
+        ("--ray-address",),
+        "HERON_RAY_ADDRESS",
+        str,
+        "the Ray cluster to join, e.g. 10.0.0.1:6379 or auto (default: $RAY_ADDRESS, else a Ray instance "
+        "started for this server)",
+    ),
     ("device", ("--device",), "HERON_DEVICE", str, "auto | cpu | cuda | cuda:N"),
     (
         "kv_cache_memory",
@@ -398,6 +463,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     settings = ServerSettings(**values)
     if settings.kv_cache_memory is not None and settings.kv_cache_memory <= 0:
         raise ValueError("--kv-cache-memory must be positive")
+    for name in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if settings.data_parallel_load_bound < 0:
+        raise ValueError("--data-parallel-load-bound must be 0 or more")
     return settings
 
 
