@@ -37,10 +37,18 @@ class LLM:
         enable_prefix_caching: bool = CacheConfig.enable_prefix_caching,
         chat_template: str | None = None,
         progress: bool = True,
+        tensor_parallel_size: int = 1,
+        distributed_executor_backend: str = "mp",
     ):
+        """tensor_parallel_size > 1 splits the model over that many worker processes (or Ray actors
+        with distributed_executor_backend="ray"); call `shutdown()` to stop them."""
+        from heron.engine.executor.factory import make_executor
+
         env_settings()  # the environment switches, read now: a bad value fails here on any device
-        self.loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+        in_process = tensor_parallel_size == 1 and distributed_executor_backend == "mp"
+        self.loaded = load_model(model, dtype=dtype, device=device, progress=progress, with_weights=in_process)
         self.tokenizer = self.loaded.tokenizer
+        executor = make_executor(self.loaded, tensor_parallel_size, distributed_executor_backend)
         self.engine = EngineCore(
             self.loaded,
             CacheConfig(block_size, kv_cache_memory_bytes, enable_prefix_caching),
@@ -48,6 +56,7 @@ class LLM:
                 self.loaded.device, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
             ),
             max_model_len,
+            executor=executor,
         )
         if chat_template is not None:
             self.chat_template: ChatTemplate | None = ChatTemplate.from_file(chat_template, special_tokens=self.tokenizer.special_tokens)
@@ -116,3 +125,13 @@ class LLM:
             # The template already wrote any BOS it wants; don't add another.
             prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
         return self.generate(prompts, sampling_params)
+
+    def shutdown(self) -> None:
+        """Release the engine's workers (tensor-parallel processes, the KV cache); idempotent."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()

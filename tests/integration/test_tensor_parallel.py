@@ -158,6 +158,17 @@ def test_engine_greedy_tokens_equal_one_process(tiny_checkpoint):
             assert abs(mine.logprob - theirs.logprob) < LOGIT_ATOL
 
 
+def test_offline_llm_takes_tensor_parallel_size(tiny_checkpoint):
+    from heron import LLM
+
+    path = str(tiny_checkpoint("tp-llm", "LlamaForCausalLM", seed=2))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, dtype="float32", progress=False).generate([[101, 7592], [101, 2088, 3]], params)]
+    with LLM(path, dtype="float32", progress=False, tensor_parallel_size=2) as llm:
+        assert llm.loaded.model is None  # the weights live in the two ranks only
+        assert [o.outputs[0].token_ids for o in llm.generate([[101, 7592], [101, 2088, 3]], params)] == expected
+
+
 def test_sizes_that_cannot_split_fail_before_starting(tiny_checkpoint):
     description = load_model(str(tiny_checkpoint("tp-bad", "LlamaForCausalLM")), dtype="float32", progress=False,
                              with_weights=False)
