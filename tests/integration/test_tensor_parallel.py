@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from heron.engine.executor.multiproc import MultiprocExecutor, free_port
 from heron.models.layers.quantized import QuantizedTensor
 from heron.models.llama import _columns
 from heron.models.loader import load_model
-from heron.sampling_params import SamplingParams
+from heron.sampling_params import SamplingParams, StructuredOutputsParams
 from heron.worker.forward_batch import ForwardBatch
 
 pytestmark = pytest.mark.timeout(240)
@@ -129,6 +130,8 @@ def test_gguf_blocks_shard_over_three_ranks(smollm2_gguf_path, monkeypatch):
 def run_engine(core: EngineCore, prompts: list[list[int]], max_tokens: int = 10) -> dict[str, tuple[list[int], list]]:
     for i, prompt in enumerate(prompts):
         core.add_request(f"r{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2))
+    # A seeded sampled request draws alike on every rank.
+    core.add_request("seeded", prompts[1], SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True, logprobs=2))
     done = {}
     while core.has_unfinished():
         for output in core.step():
@@ -156,6 +159,42 @@ def test_engine_greedy_tokens_equal_one_process(tiny_checkpoint):
         for mine, theirs in zip(ours[request_id][1], logprobs, strict=True):
             assert mine.token_id == theirs.token_id
             assert abs(mine.logprob - theirs.logprob) < LOGIT_ATOL
+
+
+def test_bundled_gguf_engine_with_grammars_over_three_ranks(smollm2_gguf_path, monkeypatch):
+    """The bundled model (BPE tokenizer, so grammars compile) over 3 ranks: a regex-constrained
+    request (its masks cross to every rank), an unseeded sampled one and a greedy one give what the
+    engine gives in one process (float32 activations: see the test above)."""
+    source = str(smollm2_gguf_path)
+    monkeypatch.setenv("HERON_CPU_INT8", "0")
+    cache = CacheConfig(kv_cache_memory_bytes=1 << 26)
+
+    def run(core: EngineCore) -> dict[str, list[int]]:
+        prompt = core.tokenizer.encode("The date of the meeting is", add_special_tokens=False)
+        core.add_request("regex", prompt, SamplingParams(max_tokens=16, temperature=0.0,
+                                                        structured_outputs=StructuredOutputsParams(regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")))
+        core.add_request("greedy", prompt, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+        core.add_request("sampled", prompt, SamplingParams(max_tokens=8, temperature=0.8, ignore_eos=True))
+        done = {}
+        while core.has_unfinished():
+            for output in core.step():
+                if output.finished:
+                    assert output.error is None
+                    done[output.request_id] = output.outputs[0]
+        return done
+
+    with env.override(cpu_int8=False):
+        reference = run(EngineCore(load_model(source, progress=False), cache))
+        description = load_model(source, progress=False, with_weights=False)
+    core = EngineCore(description, cache, executor=make_executor(description, 3))
+    try:
+        ours = run(core)
+    finally:
+        core.shutdown()
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", ours["regex"].text)
+    assert ours["regex"].token_ids == reference["regex"].token_ids
+    assert ours["greedy"].token_ids == reference["greedy"].token_ids
+    assert len(ours["sampled"].token_ids) == 8
 
 
 def test_offline_llm_takes_tensor_parallel_size(tiny_checkpoint):
