@@ -363,40 +363,71 @@ class Metrics:
 
 
 class _EngineCollector:
-    """Engine gauges and cumulative counters, read from each generation engine's stats snapshot."""
+    """Engine gauges and cumulative counters, read from each generation engine's stats snapshot.
+
+    With data-parallel replicas (--data-parallel-size > 1) every engine series is per replica, with
+    an `engine` label ("0", "1", ...; as vLLM labels its engines), and the router's counts and each
+    replica's liveness are added. Without replicas the output has no `engine` label at all, as before.
+    """
 
     def __init__(self, models: Callable[[], Any]) -> None:
         self._models = models
 
     def describe(self) -> list[Metric]:
-        return self._families()
+        return self._families(["model_name"])
 
     def collect(self) -> Iterator[Metric]:
-        families = self._families()
         registry = self._models()
-        for model in registry.models if registry is not None else ():
-            if model.kind != "generate":
-                continue
-            stats = model.engine.stats
-            values = (
-                stats.num_running,
-                stats.num_waiting,
-                stats.kv_cache_usage,
-                stats.num_free_kv_blocks,
-                stats.num_kv_blocks,
-                stats.num_prefix_cache_queries,
-                stats.num_prefix_cache_hits,
-                stats.num_prompt_tokens,
-                stats.num_generation_tokens,
-                stats.num_preemptions,
-            )
-            for family, value in zip(families, values):
-                family.add_metric([model.name], value)
+        models = [m for m in (registry.models if registry is not None else ()) if m.kind == "generate"]
+        per_replica = any(getattr(m.engine, "replica_stats", None) is not None for m in models)
+        labels = ["model_name", "engine"] if per_replica else ["model_name"]
+        families = self._families(labels)
+        router = self._router_families(labels) if per_replica else []
+        for model in models:
+            replicas = getattr(model.engine, "replica_stats", None)
+            if replicas is None:
+                rows = [([model.name, "0"] if per_replica else [model.name], model.engine.stats)]
+            else:
+                rows = [([model.name, str(r.index)], r.stats) for r in replicas]
+                for replica in replicas:
+                    values = (replica.routed, replica.affinity_routed, 1 if replica.alive else 0)
+                    for family, value in zip(router, values):
+                        family.add_metric([model.name, str(replica.index)], value)
+            for label_values, stats in rows:
+                values = (
+                    stats.num_running,
+                    stats.num_waiting,
+                    stats.kv_cache_usage,
+                    stats.num_free_kv_blocks,
+                    stats.num_kv_blocks,
+                    stats.num_prefix_cache_queries,
+                    stats.num_prefix_cache_hits,
+                    stats.num_prompt_tokens,
+                    stats.num_generation_tokens,
+                    stats.num_preemptions,
+                )
+                for family, value in zip(families, values):
+                    family.add_metric(label_values, value)
         yield from families
+        yield from router
 
     @staticmethod
-    def _families() -> list[Metric]:
-        labels = ["model_name"]
+    def _router_families(labels: list[str]) -> list[Metric]:
+        return [
+            CounterMetricFamily(
+                "heron:data_parallel_routed_requests", "Requests the data-parallel router sent to each engine replica.",
+                labels=labels,
+            ),
+            CounterMetricFamily(
+                "heron:data_parallel_prefix_routed_requests",
+                "Requests routed to an engine replica because it held the longest matching prompt prefix.",
+                labels=labels,
+            ),
+            GaugeMetricFamily("heron:engine_replica_up", "1 while the engine replica serves, 0 once it is dead.", labels=labels),
+        ]
+
+    @staticmethod
+    def _families(labels: list[str]) -> list[Metric]:
         return [
             GaugeMetricFamily("heron:num_requests_running", "Number of requests in model execution batches.", labels=labels),
             GaugeMetricFamily("heron:num_requests_waiting", "Number of requests waiting to be processed.", labels=labels),

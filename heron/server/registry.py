@@ -23,6 +23,7 @@ from heron.models.bundled import (
     default_chat_model_path,
     default_embedding_model_path,
 )
+from heron.distributed.parallel_state import check_tp_layout
 from heron.parsers import detect_reasoning_parser, detect_tool_parser, get_reasoning_parser, get_tool_parser
 from heron.server.errors import model_not_found
 from heron.server.generation_config import sampling_defaults
@@ -88,8 +89,9 @@ class ModelRegistry:
 
     async def shutdown(self) -> None:
         for model in self.models:
+            # A DataParallelEngine stops its replicas' threads, then their processes, itself.
             await model.engine.shutdown()
-            if model.kind == "generate":
+            if model.kind == "generate" and not getattr(model.engine, "owns_cores", False):
                 # The engine thread has ended: nothing steps the core any more.
                 model.engine.core.shutdown()
 
@@ -138,15 +140,15 @@ def parse_model_spec(spec: str) -> tuple[str, list[str]]:
     return path, names_list
 
 
-def serve_generation(loaded, names: list[str], settings: ServerSettings) -> ServedModel:
-    """Wrap a loaded decoder in an engine core and its AsyncEngine (started)."""
+def build_core(loaded, settings: ServerSettings, executor=None):
+    """The EngineCore a generation model runs on, configured from ServerSettings: the server's own
+    (one replica) and each data-parallel replica's (heron.distributed.replica) are built here alike.
+    `executor`: what runs its steps (heron.engine.executor.factory.make_executor); default one worker
+    on `loaded`'s weights in this process."""
     from heron.config import CacheConfig, SchedulerConfig
-    from heron.engine.async_engine import AsyncEngine
     from heron.engine.core import EngineCore
-    from heron.models.chat_template import ChatTemplate
-    from heron.structured import GrammarLimits
 
-    core = EngineCore(
+    return EngineCore(
         loaded,
         CacheConfig(kv_cache_memory_bytes=settings.kv_cache_memory, enable_prefix_caching=settings.enable_prefix_caching),
         SchedulerConfig.for_device(
@@ -155,17 +157,33 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
             max_num_batched_tokens=settings.max_num_batched_tokens,
         ),
         settings.max_model_len,
-        grammar_limits=GrammarLimits(
-            max_bytes=settings.max_grammar_bytes,
-            max_schema_depth=settings.max_schema_depth,
-            max_schema_nodes=settings.max_schema_nodes,
-            max_grammar_rules=settings.max_grammar_rules,
-            max_grammar_depth=settings.max_grammar_depth,
-            max_regex_bytes=settings.max_regex_bytes,
-            max_object_properties=settings.max_object_properties,
-            max_grammar_symbols=settings.max_grammar_symbols,
-        ),
+        grammar_limits=grammar_limits(settings),
+        executor=executor,
     )
+
+
+def grammar_limits(settings: ServerSettings):
+    from heron.structured import GrammarLimits
+
+    return GrammarLimits(
+        max_bytes=settings.max_grammar_bytes,
+        max_schema_depth=settings.max_schema_depth,
+        max_schema_nodes=settings.max_schema_nodes,
+        max_grammar_rules=settings.max_grammar_rules,
+        max_grammar_depth=settings.max_grammar_depth,
+        max_regex_bytes=settings.max_regex_bytes,
+        max_object_properties=settings.max_object_properties,
+        max_grammar_symbols=settings.max_grammar_symbols,
+    )
+
+
+def serve_generation(loaded, names: list[str], settings: ServerSettings) -> ServedModel:
+    """Wrap a loaded decoder in an engine core and its AsyncEngine (started); with
+    --data-parallel-size N > 1, in N replica processes behind a DataParallelEngine instead (`loaded`
+    is then a description without weights: each replica loads its own)."""
+    from heron.engine.async_engine import AsyncEngine
+    from heron.models.chat_template import ChatTemplate
+
     tokenizer = loaded.tokenizer
     if settings.chat_template is not None:
         template = ChatTemplate.from_file(settings.chat_template, special_tokens=tokenizer.special_tokens)
@@ -183,16 +201,37 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
     if reasoning is not None:
         get_reasoning_parser(reasoning)  # likewise
     defaults = sampling_defaults(settings.generation_config, loaded)
+    arch = loaded.arch_config
+    # A split that cannot work fails here, before any replica or rank process starts.
+    check_tp_layout(settings.tensor_parallel_size, arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size)
+    if settings.data_parallel_size > 1:
+        from heron.distributed.dp_engine import DataParallelEngine
+
+        engine = DataParallelEngine.launch(loaded, settings)  # replicas built and started
+        max_model_len = engine.max_model_len
+        memory_bytes = engine.memory_bytes
+        grammar_compiler = engine.grammar_compiler
+    else:
+        from heron.engine.executor.factory import make_executor
+
+        executor = make_executor(
+            loaded, settings.tensor_parallel_size, settings.distributed_executor_backend, settings.ray_address
+        )
+        core = build_core(loaded, settings, executor)
+        max_model_len = core.max_model_len
+        weights = _weight_bytes(loaded.model) if loaded.model is not None else 0
+        memory_bytes = weights + core.runtime.kv_cache_bytes
+        grammar_compiler = core.grammar_compiler
+        engine = AsyncEngine(
+            core,
+            grammar_workers=settings.grammar_compile_workers,
+            grammar_queue=settings.max_grammar_queue,
+            grammar_timeout=settings.grammar_compile_timeout,
+        )
     try:
-        core.grammar_compiler.prepare()
+        grammar_compiler.prepare()
     except Exception as exc:  # noqa: BLE001 - text generation still works; structured requests will say why
         logger.warning("structured outputs cannot use this tokenizer: %s", exc)
-    engine = AsyncEngine(
-        core,
-        grammar_workers=settings.grammar_compile_workers,
-        grammar_queue=settings.max_grammar_queue,
-        grammar_timeout=settings.grammar_compile_timeout,
-    )
     engine.start()
     return ServedModel(
         names=names or [_default_name(loaded.source)],
@@ -201,13 +240,13 @@ def serve_generation(loaded, names: list[str], settings: ServerSettings) -> Serv
         engine=engine,
         tokenizer=tokenizer,
         chat_template=template,
-        max_model_len=core.max_model_len,
+        max_model_len=max_model_len,
         vocab_size=loaded.arch_config.vocab_size,
         system_fingerprint=_digest(loaded),
         generation_defaults=dict(defaults.values),
         generation_defaults_source=defaults.source,
         fim_tokens=_fim_tokens(tokenizer),
-        memory_bytes=_weight_bytes(loaded.model) + core.runtime.kv_cache_bytes,
+        memory_bytes=memory_bytes,
         tool_call_parser=parser,
         reasoning_parser=reasoning,
         special_tokens_in_prompts=settings.special_tokens_in_prompts,
@@ -236,6 +275,14 @@ def serve_embedding(loaded, names: list[str], settings: ServerSettings) -> Serve
     )
 
 
+def _weights_elsewhere(settings: ServerSettings) -> bool:
+    return (
+        settings.data_parallel_size > 1
+        or settings.tensor_parallel_size > 1
+        or settings.distributed_executor_backend == "ray"
+    )
+
+
 def load_served_models(settings: ServerSettings, progress: bool = True) -> ModelRegistry:
     """The positional model (or the two bundled ones) and every `--model`, loaded and started."""
     from heron.env import env_settings
@@ -252,7 +299,10 @@ def load_served_models(settings: ServerSettings, progress: bool = True) -> Model
     registry = ModelRegistry()
     try:
         for path, names in specs:
-            loaded = load_model(path, dtype=settings.dtype, device=settings.device, progress=progress)
+            # With replicas or tensor-parallel ranks the model runs in worker processes, which load
+            # the weights themselves: this process keeps the config and tokenizer only.
+            loaded = load_model(path, dtype=settings.dtype, device=settings.device, progress=progress,
+                                with_weights=not _weights_elsewhere(settings))
             served = (serve_embedding if loaded.is_embedding else serve_generation)(loaded, names, settings)
             registry.add(served)
     except BaseException:

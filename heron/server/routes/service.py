@@ -49,19 +49,38 @@ async def health(request: Request) -> JSONResponse:
     registry = context.registry
     if registry is None:
         return error_response(APIError(503, "The model is still loading.", code="loading"))
+    # A data-parallel engine runs while any replica serves; its dead replicas are listed below.
     dead = [m.name for m in registry.models if not m.engine.is_running]
     if dead:
         return error_response(APIError(503, f"The engine for {', '.join(dead)} has stopped.", code="engine_dead"))
     stats = [m.engine.stats for m in registry.models if m.kind == "generate"]
-    return JSONResponse(
-        {
-            "status": "ok",
-            "running": sum(s.num_running for s in stats),
-            "waiting": sum(s.num_waiting for s in stats),
-            "requests": sum(s.num_requests for s in stats),
-            "kv_cache_usage": max((s.kv_cache_usage for s in stats), default=0.0),
-        }
-    )
+    body = {
+        "status": "ok",
+        "running": sum(s.num_running for s in stats),
+        "waiting": sum(s.num_waiting for s in stats),
+        "requests": sum(s.num_requests for s in stats),
+        "kv_cache_usage": max((s.kv_cache_usage for s in stats), default=0.0),
+    }
+    replicas = []
+    for model in registry.models:
+        for replica in getattr(model.engine, "replica_stats", None) or ():
+            entry = {
+                "index": replica.index,
+                "status": "ok" if replica.alive else "dead",
+                "running": replica.stats.num_running,
+                "waiting": replica.stats.num_waiting,
+                "kv_cache_usage": replica.stats.kv_cache_usage,
+            }
+            if len(registry.models) > 1:
+                entry["model"] = model.name
+            if not replica.alive:
+                entry["error"] = replica.death
+            replicas.append(entry)
+    if replicas:
+        # 200 while some replica serves (requests are routed around the dead ones); say which are dead.
+        body["replicas"] = replicas
+        body["dead_replicas"] = [r["index"] for r in replicas if r["status"] == "dead"]
+    return JSONResponse(body)
 
 
 @router.get("/metrics")
