@@ -163,12 +163,28 @@ def start_replica(index: int, model_source: str, settings) -> RemoteHandle:
     from heron.distributed.procs import ProcessHandle
 
     threads = str(replica_threads(settings))
-    return ProcessHandle(
-        f"engine replica {index}",
-        EngineReplica,
-        (index, model_source, settings),
-        env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
-    )
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env.update(_replica_gpus(index, settings))
+    return ProcessHandle(f"engine replica {index}", EngineReplica, (index, model_source, settings), env=env)
+
+
+def _replica_gpus(index: int, settings) -> dict[str, str]:
+    """With tensor-parallel replicas on CUDA, replica i sees only its own GPUs (i*T .. i*T + T - 1),
+    so that its ranks' cuda:0 .. cuda:T-1 never land on another replica's."""
+    tp = settings.tensor_parallel_size
+    if tp == 1 or settings.device not in ("auto", "cuda"):
+        return {}
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    need = settings.data_parallel_size * tp
+    if len(gpus) < need:
+        raise ValueError(f"--data-parallel-size {settings.data_parallel_size} x --tensor-parallel-size {tp} needs "
+                         f"{need} GPUs; {len(gpus)} are visible")
+    return {"CUDA_VISIBLE_DEVICES": ",".join(gpus[index * tp : (index + 1) * tp])}
 
 
 # ---------------------------------------------------------------------------------------------
