@@ -11,11 +11,14 @@ pays nothing.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from heron.distributed.shm_comm import ShmComm
 
 # A collective that waits longer than this has lost a peer (its death is normally seen sooner, by
 # the executor watching the processes); gloo's own default is 30 minutes.
@@ -26,10 +29,15 @@ COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 class TPGroup:
     rank: int = 0
     size: int = 1
+    # Ranks on one machine: collectives through shared memory (heron.distributed.shm_comm), with
+    # torch.distributed for tensors too large for its slots.
+    shm: ShmComm | None = None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns it."""
         if self.size > 1:
+            if self.shm is not None and self.shm.fits(x):
+                return self.shm.all_reduce(x)
             dist.all_reduce(x)
         return x
 
@@ -37,6 +45,8 @@ class TPGroup:
         """Concatenate every rank's `x` (same shape on each) along `dim`, in rank order."""
         if self.size == 1:
             return x
+        if self.shm is not None and self.shm.fits(x):
+            return self.shm.all_gather(x, dim)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=dim)
@@ -49,16 +59,30 @@ def get_tp() -> TPGroup:
     return _TP
 
 
-def init_tp(rank: int, size: int, init_method: str, backend: str) -> TPGroup:
-    """Join the group (a worker calls this once, before it builds the model)."""
+def init_tp(rank: int, size: int, init_method: str, backend: str, shared_memory: str | None = None) -> TPGroup:
+    """Join the group (a worker calls this once, before it builds the model). `shared_memory`: a
+    /dev/shm path every rank of the group is given when they all run on this machine (the mp
+    executor's ranks); rank 0 creates it, and it is unlinked once every rank has it mapped."""
     global _TP
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
-    _TP = TPGroup(rank, size)
+    shm = None
+    if shared_memory is not None and size > 1:
+        if rank == 0:
+            shm = ShmComm(shared_memory, rank, size, create=True)
+        dist.barrier()
+        if rank != 0:
+            shm = ShmComm(shared_memory, rank, size, create=False)
+        dist.barrier()
+        if rank == 0:
+            os.unlink(shared_memory)
+    _TP = TPGroup(rank, size, shm)
     return _TP
 
 
 def destroy_tp() -> None:
     global _TP
+    if _TP.shm is not None:
+        _TP.shm.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     _TP = TPGroup()

@@ -20,6 +20,8 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -70,6 +72,9 @@ class RemoteHandle:
 
 def _serve(conn: Connection, factory: Callable[..., object], args: tuple, env: dict[str, str]) -> None:
     """The worker process's main: build the object, answer "ready", then serve calls until "close"."""
+    # Ctrl-C reaches the whole process group; the parent decides when its workers stop (a
+    # KeyboardInterrupt mid-step would otherwise come back as that step's answer).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     try:
         obj = factory(*args)
@@ -174,6 +179,18 @@ class ProcessHandle(RemoteHandle):
             raise value
         return value
 
+    def _raise_death(self) -> None:
+        """The process has exited: raise what it said last if that was an error (a factory that
+        failed answers, then exits), else WorkerDiedError. Its pipe polls readable at EOF too, so
+        readability says nothing about an answer."""
+        self._process.join(1.0)
+        if self._pending > 0 and self._conn.poll():
+            try:
+                self.recv(0)
+            except WorkerDiedError:
+                pass
+        raise WorkerDiedError(f"{self.name} {self.death() or 'stopped answering'}")
+
     @property
     def alive(self) -> bool:
         return self._process.is_alive()
@@ -217,8 +234,12 @@ def recv_all(handles: Sequence[RemoteHandle], timeout: float | None = None) -> l
                 if not ready:
                     raise TimeoutError(f"{handle.name} did not answer within {timeout} s")
                 for item in ready:
-                    if item in sentinels and not sentinels[item].connection.poll():
-                        dead = sentinels[item]
-                        dead._process.join(1.0)
-                        raise WorkerDiedError(f"{dead.name} {dead.death() or 'stopped answering'}")
+                    if item in sentinels:
+                        sentinels[item]._raise_death()
+    else:
+        # Ray actors (heron.distributed.ray_backend, imported wherever a RayHandle exists): ray.wait
+        # over every actor's oldest call, so that a dead actor's failed call ends the wait.
+        ray_backend = sys.modules.get("heron.distributed.ray_backend")
+        if ray_backend is not None and all(isinstance(h, ray_backend.RayHandle) for h in handles):
+            ray_backend.wait_answered(handles, timeout)
     return [handle.recv(timeout) for handle in handles]

@@ -28,16 +28,22 @@ class TPWorker:
         device: str,
         threads: int,
         seed: int = 0,
+        shared_memory: str | None = None,
     ):
+        """`shared_memory`: a /dev/shm path when every rank runs on this machine (see init_tp)."""
         torch.set_num_threads(max(1, threads))
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        self.group = init_tp(rank, size, init_method, backend)
+        self.group = init_tp(rank, size, init_method, backend, shared_memory)
         torch.manual_seed(seed)
         from heron.models.loader import load_model
 
         self.loaded = load_model(source, dtype=dtype, device=device, progress=False)
         self.runner = None
+
+    def collectives(self) -> str:
+        """How this rank's all-reduces travel: "shared memory" or "torch.distributed"."""
+        return "shared memory" if self.group.shm is not None else "torch.distributed"
 
     def kv_heads(self) -> int:
         return self.loaded.model.layout.local_kv_heads

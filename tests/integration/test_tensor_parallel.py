@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU over gloo: ranks in worker processes must compute what one process does.
 
-- Logits: the ranks of TPWorker, asked together, give the logits of packed sequences; they must
+- Logits: the ranks of TPWorker, asked together, give the logits of packed sequences (every rank
+  the same bits, whether the collectives go through shared memory or gloo); they must
   equal the single-process model's to float rounding (the partial sums of the row-parallel layers
   are added in another order), on the float32 path: Llama with GQA, Qwen2 with QKV bias and tied
   embeddings, Qwen3 with Q/K norm, KV heads replicated (4 ranks, 2 KV heads) with a vocabulary that
@@ -31,6 +32,7 @@ from heron import env
 from heron.config import CacheConfig
 from heron.distributed.parallel_state import check_tp_layout
 from heron.distributed.procs import ProcessHandle, WorkerDiedError, recv_all
+from heron.distributed.shm_comm import shm_path
 from heron.distributed.tp_worker import TPWorker
 from heron.engine.core import EngineCore
 from heron.engine.executor.factory import make_executor
@@ -47,14 +49,23 @@ pytestmark = pytest.mark.timeout(240)
 LOGIT_ATOL = 1e-4
 
 
-def tp_logits(source: str, size: int, sequences: list[list[int]]) -> torch.Tensor:
+def tp_logits(source: str, size: int, sequences: list[list[int]], shared_memory: bool = True) -> torch.Tensor:
+    """The ranks' logits; their collectives through shared memory (as the mp executor sets them up),
+    or with `shared_memory=False` through gloo alone (as across machines)."""
     init_method = f"tcp://127.0.0.1:{free_port()}"
+    shm = shm_path() if shared_memory else None
     handles = [
-        ProcessHandle(f"rank {rank}", TPWorker, (rank, size, init_method, "gloo", source, "float32", "cpu", 1, 0))
+        ProcessHandle(f"rank {rank}", TPWorker, (rank, size, init_method, "gloo", source, "float32", "cpu", 1, 0, shm))
         for rank in range(size)
     ]
     try:
         recv_all(handles, 120)
+        for handle in handles:
+            handle.send("collectives")
+        expected = "shared memory" if shared_memory else "torch.distributed"
+        assert recv_all(handles) == [expected] * size
+        if shm is not None:
+            assert not os.path.exists(shm)  # unlinked once every rank mapped it
         for handle in handles:
             handle.send("logits", sequences)
         results = recv_all(handles, 120)
@@ -78,24 +89,35 @@ def sequences_for(vocab_size: int, lengths=(5, 11, 3)) -> list[list[int]]:
 
 
 @pytest.mark.parametrize(
-    "architecture, size, overrides",
+    "architecture, size, overrides, shared_memory",
     [
-        ("LlamaForCausalLM", 2, {}),
-        ("Qwen2ForCausalLM", 2, {"tie_word_embeddings": True}),
-        ("Qwen3ForCausalLM", 2, {"head_dim": 32}),
+        ("LlamaForCausalLM", 2, {}, True),
+        ("LlamaForCausalLM", 2, {}, False),
+        ("Qwen2ForCausalLM", 2, {"tie_word_embeddings": True}, True),
+        ("Qwen3ForCausalLM", 2, {"head_dim": 32}, True),
         # 2 KV heads over 4 ranks: each KV head on two ranks; 30522 rows split 7631 per rank (padded).
-        ("LlamaForCausalLM", 4, {}),
+        ("LlamaForCausalLM", 4, {}, True),
     ],
-    ids=["llama-gqa", "qwen2-bias-tied", "qwen3-qk-norm", "llama-kv-replicated"],
+    ids=["llama-gqa", "llama-gqa-gloo", "qwen2-bias-tied", "qwen3-qk-norm", "llama-kv-replicated"],
 )
-def test_logits_match_one_process(tiny_checkpoint, architecture, size, overrides):
+def test_logits_match_one_process(tiny_checkpoint, architecture, size, overrides, shared_memory):
     path = str(tiny_checkpoint(f"tp-{architecture}-{size}", architecture, seed=3, **overrides))
     sequences = sequences_for(30522)
     reference = solo_logits(path, sequences)
-    ours = tp_logits(path, size, sequences)
+    ours = tp_logits(path, size, sequences, shared_memory)
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() < LOGIT_ATOL
     assert torch.equal(ours.argmax(-1), reference.argmax(-1))
+
+
+def test_tensors_larger_than_a_shared_memory_slot_go_through_gloo(tiny_checkpoint):
+    # 210 rows of 15261 logits per rank: 12.8 MB, past the 8 MiB slot, so this gather takes gloo's path
+    # while the [210, 64] all-reduces stay in shared memory.
+    path = str(tiny_checkpoint("tp-large", "LlamaForCausalLM", seed=4))
+    sequences = sequences_for(30522, lengths=(150, 60))
+    reference = solo_logits(path, sequences)
+    ours = tp_logits(path, 2, sequences)
+    assert (ours - reference).abs().max().item() < LOGIT_ATOL
 
 
 def test_gguf_blocks_shard_over_three_ranks(smollm2_gguf_path, monkeypatch):
@@ -151,6 +173,7 @@ def test_engine_greedy_tokens_equal_one_process(tiny_checkpoint):
     core = EngineCore(description, cache, executor=make_executor(description, 2))
     try:
         ours = run_engine(core, prompts)
+        assert core.executor.handles[0].call("collectives") == "shared memory"
     finally:
         core.shutdown()
     assert ours.keys() == reference.keys()

@@ -16,12 +16,14 @@ one, are killed. Start-up fails the same way, with the rank's own error, never a
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 
 import torch
 
 from heron.distributed.parallel_state import TPLayout, check_tp_layout
+from heron.distributed.shm_comm import shm_path
 from heron.distributed.procs import ProcessHandle, RemoteHandle, WorkerDiedError, recv_all
 from heron.distributed.tp_worker import TPWorker
 from heron.engine.executor import Executor
@@ -72,18 +74,22 @@ class MultiprocExecutor(Executor):
             raise
         logger.info("tensor parallel: %d ranks over %s, %d thread(s) each", self.size, self.backend, self.threads)
 
-    def worker_args(self, rank: int, init_method: str, device: str) -> tuple:
+    def worker_args(self, rank: int, init_method: str, device: str, shared_memory: str | None = None) -> tuple:
         """TPWorker's arguments for `rank` (a Ray executor passes the same to its actors)."""
         dtype = str(self.loaded.dtype).removeprefix("torch.")
-        return (rank, self.size, init_method, self.backend, self.loaded.source, dtype, device, self.threads, self.seed)
+        return (rank, self.size, init_method, self.backend, self.loaded.source, dtype, device, self.threads, self.seed,
+                shared_memory)
 
     def _start_workers(self) -> list[RemoteHandle]:
         init_method = f"tcp://127.0.0.1:{free_port()}"
         device = self.loaded.device
+        # Every rank is on this machine: CPU collectives go through shared memory (NCCL has its own).
+        shared_memory = shm_path() if device.type == "cpu" and os.path.isdir("/dev/shm") else None
         handles = []
         for rank in range(self.size):
             rank_device = f"cuda:{rank}" if device.type == "cuda" else str(device)
-            handles.append(ProcessHandle(f"tensor-parallel rank {rank}", TPWorker, self.worker_args(rank, init_method, rank_device)))
+            args = self.worker_args(rank, init_method, rank_device, shared_memory)
+            handles.append(ProcessHandle(f"tensor-parallel rank {rank}", TPWorker, args))
         return handles
 
     # ----------------------------------------------------------------- Executor
