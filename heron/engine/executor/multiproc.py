@@ -50,11 +50,6 @@ class MultiprocExecutor(Executor):
         if arch is None:
             raise ValueError(f"{loaded.source} is an embedding model; it cannot generate text")
         check_tp_layout(tensor_parallel_size, arch.num_attention_heads, arch.num_key_value_heads, arch.intermediate_size)
-        if loaded.device.type == "cuda" and torch.cuda.device_count() < tensor_parallel_size:
-            raise ValueError(
-                f"--tensor-parallel-size {tensor_parallel_size} needs {tensor_parallel_size} GPUs; "
-                f"{torch.cuda.device_count()} are visible"
-            )
         self.loaded = loaded
         self.size = tensor_parallel_size
         self.layout = TPLayout(0, tensor_parallel_size, arch.num_attention_heads, arch.num_key_value_heads,
@@ -83,6 +78,9 @@ class MultiprocExecutor(Executor):
     def _start_workers(self) -> list[RemoteHandle]:
         init_method = f"tcp://127.0.0.1:{free_port()}"
         device = self.loaded.device
+        if device.type == "cuda" and torch.cuda.device_count() < self.size:
+            # Here, not in __init__: a Ray executor's ranks find their GPUs on other nodes.
+            raise ValueError(f"--tensor-parallel-size {self.size} needs {self.size} GPUs; {torch.cuda.device_count()} are visible")
         # Every rank is on this machine: CPU collectives go through shared memory (NCCL has its own).
         shared_memory = shm_path() if device.type == "cpu" and os.path.isdir("/dev/shm") else None
         handles = []
