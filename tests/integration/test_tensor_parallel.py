@@ -244,6 +244,16 @@ def test_sizes_that_cannot_split_fail_before_starting(tiny_checkpoint):
         check_tp_layout(2, 4, 2, 101)
 
 
+def test_heron_serve_refuses_a_size_that_cannot_split_the_model_before_loading_it():
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "heron.cli", "serve", "--tensor-parallel-size", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--tensor-parallel-size 2 does not divide the model's 9 attention heads (sizes that do: 1, 3, 9)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - started < 60
+
+
 def test_a_quantized_cut_inside_a_block_is_refused():
     # [8, 96] Q8_0: 3 blocks of 34 bytes per row; 2 ranks would cut 48 columns each, inside block 2.
     blocks = torch.zeros(8, 3 * 34, dtype=torch.uint8)
