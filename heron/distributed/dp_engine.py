@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 
@@ -33,7 +32,8 @@ from heron.engine.async_engine import AsyncEngine, EngineStats
 from heron.engine.errors import EngineDeadError
 from heron.outputs import RequestOutput
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
-from heron.structured import CompiledGrammar, GrammarCompilePool, GrammarPoolClosed
+from heron.structured import CompiledGrammar
+from heron.structured.pool import LazyCompilePool
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +77,7 @@ class DataParallelEngine:
         self.cores = cores
         self.replicas = [AsyncEngine(core) for core in cores]
         self.grammar_compiler = grammar_compiler
-        self.grammar_timeout = grammar_timeout
-        self._grammar_pool_args = (grammar_workers, grammar_queue)
-        self._grammar_pool: GrammarCompilePool | None = None
-        self._pool_lock = threading.Lock()
+        self._grammar = LazyCompilePool(lambda: grammar_compiler, grammar_workers, grammar_queue, grammar_timeout)
         self.router = Router(policy, len(cores), block_size=cores[0].runtime.block_size, load_bound=load_bound)
         self._where: dict[str, int] = {}  # request id -> replica, while its iterator runs
         self._started = False
@@ -154,15 +151,11 @@ class DataParallelEngine:
     async def shutdown(self) -> None:
         """Stop every replica's engine thread (requests in flight end ABORT), then its process."""
         self._closed = True
-        with self._pool_lock:
-            pool = self._grammar_pool
-        if pool is not None:
-            pool.close()
+        self._grammar.close()
         await asyncio.gather(*(replica.shutdown() for replica in self.replicas))
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, core.shutdown) for core in self.cores))
-        if pool is not None:
-            await loop.run_in_executor(None, pool.join, 15.0)
+        await self._grammar.join()
 
     async def __aenter__(self) -> DataParallelEngine:
         self.start()
@@ -284,14 +277,7 @@ class DataParallelEngine:
 
     async def compile_grammar(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """As AsyncEngine.compile_grammar, in this process's one pool (for every replica)."""
-        with self._pool_lock:
-            if self._closed:
-                raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
-            if self._grammar_pool is None:
-                workers, waiting = self._grammar_pool_args
-                self._grammar_pool = GrammarCompilePool(self.grammar_compiler, workers, waiting)
-            pool = self._grammar_pool
-        return await pool.compile(spec, self.grammar_timeout)
+        return await self._grammar.compile(spec)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request on whichever replica holds it (unknown ids: nothing happens)."""

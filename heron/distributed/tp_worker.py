@@ -51,19 +51,7 @@ class TPWorker:
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
         from heron.worker.model_runner import ModelRunner
 
-        arch = self.loaded.arch_config
-        self.runner = ModelRunner(
-            self.loaded.model,
-            arch.num_hidden_layers,
-            self.kv_heads(),
-            arch.head_dim,
-            num_blocks,
-            block_size,
-            self.loaded.dtype,
-            self.loaded.device,
-            self.loaded.eos_token_ids,
-            arch.vocab_size,
-        )
+        self.runner = ModelRunner.for_loaded(self.loaded, num_blocks, block_size, self.kv_heads())
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
         self.runner.execute_model(scheduler_output)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -38,13 +37,10 @@ from heron.engine.driver import EngineDriver, call_in_loop
 from heron.engine.errors import EngineDeadError
 from heron.outputs import CompletionOutput, FinishReason, RequestOutput, TokenLogprob
 from heron.sampling_params import SamplingParams, StructuredOutputsParams
-from heron.structured import CompiledGrammar, GrammarCompilePool, GrammarPoolClosed
+from heron.structured import CompiledGrammar
+from heron.structured.pool import LazyCompilePool
 
 logger = logging.getLogger(__name__)
-
-
-# How long shutdown waits for a running grammar compile (bounded by the caps: ~1 s at most).
-GRAMMAR_JOIN_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -154,12 +150,7 @@ class AsyncEngine:
         """grammar_*: the structured-output compile pool (heron.structured.pool): its threads,
         how many specs may wait for one, and how long a request waits for its compile."""
         self.core = core
-        self._grammar_pool_args = (grammar_workers, grammar_queue)
-        self.grammar_timeout = grammar_timeout
-        self._grammar_pool: GrammarCompilePool | None = None  # started on the first compile
-        # Held while the pool is made or taken for closing; shutdown closes the driver first, so a
-        # compile that sees the driver open made its pool before shutdown looks for one.
-        self._pool_lock = threading.Lock()
+        self._grammar = LazyCompilePool(lambda: core.grammar_compiler, grammar_workers, grammar_queue, grammar_timeout)
         self._driver: EngineDriver[_Command] = EngineDriver(
             thread_name="heron-engine",
             engine_name="the engine",
@@ -181,14 +172,9 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Stop the engine thread; requests still in flight finish with an ABORT output."""
         self._driver.close()
-        with self._pool_lock:
-            pool = self._grammar_pool
-        if pool is not None:
-            pool.close()  # requests waiting for a compile get GrammarPoolClosed
+        self._grammar.close()  # requests waiting for a compile get GrammarPoolClosed
         await self._driver.join()  # the thread may be mid-step
-        loop = asyncio.get_running_loop()
-        if pool is not None and not await loop.run_in_executor(None, pool.join, GRAMMAR_JOIN_TIMEOUT_S):
-            logger.warning("a grammar compile was still running %g s after shutdown", GRAMMAR_JOIN_TIMEOUT_S)
+        await self._grammar.join()
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -281,14 +267,7 @@ class AsyncEngine:
         """Compile a structured-output spec in the engine's bounded compile pool. Raises GrammarError
         (a ValueError: the spec is invalid, over a cap, or too slow to compile) or GrammarUnavailable
         (the pool is full or closed). Cancelling the caller drops a compile that has not started."""
-        with self._pool_lock:
-            if self._driver.closed:
-                raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
-            if self._grammar_pool is None:
-                workers, waiting = self._grammar_pool_args
-                self._grammar_pool = GrammarCompilePool(self.core.grammar_compiler, workers, waiting)
-            pool = self._grammar_pool
-        return await pool.compile(spec, self.grammar_timeout)
+        return await self._grammar.compile(spec)
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; applied before the next step. Its iterator ends with an ABORT output.

@@ -22,17 +22,23 @@ stack makes the margin some 30x wider. The memory is only reserved, not touched.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 
 from heron.sampling_params import StructuredOutputsParams
 from heron.structured.compiler import CompiledGrammar, GrammarCompiler
 from heron.structured.errors import GrammarBusyError, GrammarPoolClosed, GrammarTimeoutError
 
+logger = logging.getLogger(__name__)
+
 WORKER_STACK_BYTES = 256 * 1024 * 1024
+# How long an engine's shutdown waits for a running compile (bounded by the caps: ~1 s at most).
+JOIN_TIMEOUT_S = 15.0
 _stack_lock = threading.Lock()  # threading.stack_size is process-wide: set it only while starting ours
 
 
@@ -197,6 +203,46 @@ class GrammarCompilePool:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         return not any(thread.is_alive() for thread in self._threads)
+
+
+class LazyCompilePool:
+    """The compile pool an engine holds: started on its first compile, closed once at shutdown.
+
+    After `close()` (under the same lock that starts the pool) a compile gets GrammarPoolClosed,
+    so none can start a pool behind shutdown's back; requests already waiting get it too.
+    """
+
+    def __init__(self, compiler: Callable[[], GrammarCompiler], num_workers: int, max_waiting: int, timeout: float):
+        """`compiler`: gives the engine's GrammarCompiler (called when the pool starts);
+        `timeout`: how long a request waits for its compile."""
+        self._compiler = compiler
+        self._args = (num_workers, max_waiting)
+        self.timeout = timeout
+        self._pool: GrammarCompilePool | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    async def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
+        with self._lock:
+            if self._closed:
+                raise GrammarPoolClosed("The server is shutting down; the grammar was not compiled.")
+            if self._pool is None:
+                self._pool = GrammarCompilePool(self._compiler(), *self._args)
+            pool = self._pool
+        return await pool.compile(spec, self.timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pool = self._pool
+        if pool is not None:
+            pool.close()
+
+    async def join(self, timeout: float = JOIN_TIMEOUT_S) -> None:
+        """After close(): wait (off the event loop) for a compile still running."""
+        pool = self._pool
+        if pool is not None and not await asyncio.get_running_loop().run_in_executor(None, pool.join, timeout):
+            logger.warning("a grammar compile was still running %g s after shutdown", timeout)
 
 
 def _resolve(future: Future, result: CompiledGrammar | None = None, exc: BaseException | None = None) -> None:

@@ -71,6 +71,24 @@ class ModelRunner:
         self._forwarded: _Forwarded | None = None
         self._generator_states: list[tuple[torch.Generator, torch.Tensor]] = []
 
+    @classmethod
+    def for_loaded(cls, loaded, num_blocks: int, block_size: int, num_kv_heads: int | None = None) -> ModelRunner:
+        """A runner over a LoadedModel's decoder (heron.models.loader); `num_kv_heads`: this worker's
+        share of them under tensor parallelism (default all)."""
+        arch = loaded.arch_config
+        return cls(
+            loaded.model,
+            arch.num_hidden_layers,
+            arch.num_key_value_heads if num_kv_heads is None else num_kv_heads,
+            arch.head_dim,
+            num_blocks,
+            block_size,
+            loaded.dtype,
+            loaded.device,
+            loaded.eos_token_ids,
+            arch.vocab_size,
+        )
+
     @staticmethod
     def kv_bytes_per_block(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()

@@ -41,14 +41,13 @@ def user_prompt(i: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tiny_checkpoint) -> Path:
     """A tiny random Llama with the bundled SmolLM2's byte-level BPE vocabulary (llguidance, and so
     structured outputs, cannot use the MiniLM WordPiece tokenizer of the usual tiny checkpoints)."""
-    from conftest import build_hf_model  # tests/integration/conftest.py
-
     tokenizer = load_model(None, progress=False, with_weights=False).tokenizer
-    path = tmp_path_factory.mktemp("dp")
-    build_hf_model("LlamaForCausalLM", vocab_size=49152, bos_token_id=1, eos_token_id=2).save_pretrained(path)
+    path = tiny_checkpoint("dp", "LlamaForCausalLM", vocab_size=49152, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # MiniLM's, beside its vocabulary
+        (path / name).unlink(missing_ok=True)
     (path / "tokenizer.json").write_text(tokenizer.backend.to_str())
     return path
 

@@ -22,19 +22,7 @@ class UniprocExecutor(Executor):
         )
 
     def initialize_cache(self, num_blocks: int, block_size: int) -> None:
-        arch = self.loaded.arch_config
-        self.runner = ModelRunner(
-            self.loaded.model,
-            arch.num_hidden_layers,
-            arch.num_key_value_heads,
-            arch.head_dim,
-            num_blocks,
-            block_size,
-            self.loaded.dtype,
-            self.loaded.device,
-            self.loaded.eos_token_ids,
-            arch.vocab_size,
-        )
+        self.runner = ModelRunner.for_loaded(self.loaded, num_blocks, block_size)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> None:
         self.runner.execute_model(scheduler_output)
