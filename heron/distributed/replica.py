@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from heron.distributed.procs import RemoteHandle, WorkerDiedError
+from heron.engine.core import CoreCounters
 from heron.engine.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
@@ -42,18 +43,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReplicaSnapshot:
-    """A replica's counters after its latest call (what AsyncEngine._snapshot reads off a core)."""
+    """A replica's state after its latest call: whether work is left, and its core's counters."""
 
     has_unfinished: bool = False
-    num_running: int = 0
-    num_waiting: int = 0
-    num_preemptions: int = 0
-    num_free_blocks: int = 0
-    num_blocks: int = 0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    num_prompt_tokens: int = 0
-    num_generation_tokens: int = 0
+    counters: CoreCounters = CoreCounters()
 
 
 @dataclass(frozen=True)
@@ -121,20 +114,7 @@ class EngineReplica:
         return self.info
 
     def snapshot(self) -> ReplicaSnapshot:
-        core = self.core
-        scheduler, kv_cache = core.scheduler, core.kv_cache
-        return ReplicaSnapshot(
-            has_unfinished=core.has_unfinished(),
-            num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
-            num_preemptions=scheduler.num_preemptions,
-            num_free_blocks=kv_cache.num_free_blocks,
-            num_blocks=kv_cache.num_blocks,
-            prefix_cache_queries=kv_cache.prefix_cache_queries,
-            prefix_cache_hits=kv_cache.prefix_cache_hits,
-            num_prompt_tokens=core.num_prompt_tokens,
-            num_generation_tokens=core.num_generation_tokens,
-        )
+        return ReplicaSnapshot(self.core.has_unfinished(), self.core.counters())
 
     def add_request(self, request_id, prompt_token_ids, params, cache_salt, grammar_spec, arrival_time) -> ReplicaSnapshot:
         """`grammar_spec`: the StructuredOutputsParams the API process compiled (it sends no matcher);
@@ -192,19 +172,6 @@ def _replica_gpus(index: int, settings) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _SchedulerView:
-    num_running = 0
-    num_waiting = 0
-    num_preemptions = 0
-
-
-class _KVCacheView:
-    num_free_blocks = 0
-    num_blocks = 0
-    prefix_cache_queries = 0
-    prefix_cache_hits = 0
-
-
 class RemoteCore:
     """EngineCore's surface (as AsyncEngine uses it) over a replica's handle. Only the engine
     thread of its AsyncEngine calls it, except `shutdown()`, called once that thread has ended."""
@@ -215,31 +182,16 @@ class RemoteCore:
         self.index = info.index
         self.runtime = info.runtime
         self.grammar_compiler = grammar_compiler  # the API process's (one for all replicas)
-        self.scheduler = _SchedulerView()
-        self.kv_cache = _KVCacheView()
-        self.num_prompt_tokens = 0
-        self.num_generation_tokens = 0
-        self._has_unfinished = False
+        self._snapshot = info.snapshot
         self._died: WorkerDiedError | None = None
         self._closed = False
-        self._apply(info.snapshot)
 
     @property
     def max_model_len(self) -> int:
         return self.runtime.max_model_len
 
-    def _apply(self, snapshot: ReplicaSnapshot) -> None:
-        scheduler, kv_cache = self.scheduler, self.kv_cache
-        scheduler.num_running = snapshot.num_running
-        scheduler.num_waiting = snapshot.num_waiting
-        scheduler.num_preemptions = snapshot.num_preemptions
-        kv_cache.num_free_blocks = snapshot.num_free_blocks
-        kv_cache.num_blocks = snapshot.num_blocks
-        kv_cache.prefix_cache_queries = snapshot.prefix_cache_queries
-        kv_cache.prefix_cache_hits = snapshot.prefix_cache_hits
-        self.num_prompt_tokens = snapshot.num_prompt_tokens
-        self.num_generation_tokens = snapshot.num_generation_tokens
-        self._has_unfinished = snapshot.has_unfinished
+    def counters(self) -> CoreCounters:
+        return self._snapshot.counters
 
     def _call(self, method: str, *args: object) -> Any:
         if self._died is not None:
@@ -252,25 +204,23 @@ class RemoteCore:
 
     def has_unfinished(self) -> bool:
         # After a death, say yes: the engine thread then steps, and step() reports the death.
-        return self._has_unfinished or self._died is not None
+        return self._snapshot.has_unfinished or self._died is not None
 
     def add_request(self, request_id, prompt_token_ids, params, cache_salt=None, grammar=None, arrival_time=None) -> None:
         """Raises what EngineCore.add_request raises (ValueError for a bad request), from the replica."""
         spec = grammar.spec if grammar is not None else None
         try:
-            snapshot = self._call("add_request", request_id, list(prompt_token_ids), params, cache_salt, spec, arrival_time)
+            self._snapshot = self._call("add_request", request_id, list(prompt_token_ids), params, cache_salt, spec,
+                                        arrival_time)
         except WorkerDiedError as exc:
             raise EngineDeadError(f"the engine replica is gone: {exc}") from exc
-        self._apply(snapshot)
 
     def abort_request(self, request_id: str) -> bool:
-        found, snapshot = self._call("abort_request", request_id)
-        self._apply(snapshot)
+        found, self._snapshot = self._call("abort_request", request_id)
         return found
 
     def step(self) -> list:
-        outputs, snapshot = self._call("step")
-        self._apply(snapshot)
+        outputs, self._snapshot = self._call("step")
         return outputs
 
     @property

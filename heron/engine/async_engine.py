@@ -361,18 +361,4 @@ class AsyncEngine:
             call_in_loop(loop, _put_all, items)
 
     def _snapshot(self, streams: dict[str, _Stream]) -> EngineStats:
-        core = self.core
-        scheduler = core.scheduler
-        kv_cache = core.kv_cache
-        return EngineStats(
-            num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
-            num_requests=len(streams),
-            num_free_kv_blocks=kv_cache.num_free_blocks,
-            num_kv_blocks=kv_cache.num_blocks,
-            num_prefix_cache_queries=kv_cache.prefix_cache_queries,
-            num_prefix_cache_hits=kv_cache.prefix_cache_hits,
-            num_preemptions=scheduler.num_preemptions,
-            num_prompt_tokens=core.num_prompt_tokens,
-            num_generation_tokens=core.num_generation_tokens,
-        )
+        return EngineStats(num_requests=len(streams), **vars(self.core.counters()))

@@ -45,6 +45,22 @@ DEFAULT_KV_CACHE_FRACTION_CUDA = 0.5
 
 
 @dataclass(frozen=True)
+class CoreCounters:
+    """The scheduler and KV-cache gauges and the cumulative token counts, read at one moment: what
+    AsyncEngine publishes as EngineStats, and what a data-parallel replica sends its proxy."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_kv_blocks: int = 0  # truly free plus cached-but-unreferenced (evictable) blocks
+    num_kv_blocks: int = 0
+    num_prefix_cache_queries: int = 0
+    num_prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class EngineRuntime:
     """Values found at start-up (never written back into config)."""
 
@@ -121,6 +137,20 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def counters(self) -> CoreCounters:
+        scheduler, kv_cache = self.scheduler, self.kv_cache
+        return CoreCounters(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            num_free_kv_blocks=kv_cache.num_free_blocks,
+            num_kv_blocks=kv_cache.num_blocks,
+            num_prefix_cache_queries=kv_cache.prefix_cache_queries,
+            num_prefix_cache_hits=kv_cache.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+        )
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:

@@ -367,6 +367,7 @@ def test_what_crosses_the_process_boundary_pickles():
     import pickle
 
     from heron.distributed.replica import ReplicaSnapshot
+    from heron.engine.core import CoreCounters
     from heron.engine.errors import RequestFailedError
     from heron.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprob
     from heron.structured import GrammarError
@@ -380,6 +381,7 @@ def test_what_crosses_the_process_boundary_pickles():
     assert back == output or back.outputs == output.outputs
     assert (back.error.status, back.error.code, back.error.param) == (400, "bad_thing", "x")
     assert isinstance(pickle.loads(pickle.dumps(GrammarError("no"))), ValueError)
-    assert pickle.loads(pickle.dumps(ReplicaSnapshot(True, 1, 2))) == ReplicaSnapshot(True, 1, 2)
+    snapshot = ReplicaSnapshot(True, CoreCounters(num_running=1, num_waiting=2))
+    assert pickle.loads(pickle.dumps(snapshot)) == snapshot
     params = SamplingParams(max_tokens=3, structured_outputs=StructuredOutputsParams(json={"type": "object"}))
     assert pickle.loads(pickle.dumps(params)).structured_outputs == params.structured_outputs
