@@ -274,14 +274,16 @@ class _Host:
 
     def node_address(self) -> tuple[str, int, int, str, bool]:
         """This node's IP, a port free on it now (for a rendezvous), this process's pid, the node's
-        Ray id, and whether it has /dev/shm (for shared-memory collectives)."""
+        Ray id, and whether it can run shared-memory collectives (shm_comm.available())."""
         import ray
 
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
         node_id = ray.get_runtime_context().get_node_id()
-        return ray.util.get_node_ip_address(), port, os.getpid(), node_id, os.path.isdir("/dev/shm")
+        from heron.distributed import shm_comm
+
+        return ray.util.get_node_ip_address(), port, os.getpid(), node_id, shm_comm.available()
 
     def build(self, factory: Callable[..., object], args: tuple, env: dict[str, str], pin_gloo: bool):
         os.environ.update(env)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import platform
 import time
 import uuid
 
@@ -34,6 +35,12 @@ import torch
 SLOT_BYTES = 8 << 20  # per rank and buffer set: a [T, V/N] float32 logit gather of a few dozen rows
 SPINS_BEFORE_YIELD = 100
 TIMEOUT_S = 120.0
+
+
+def available() -> bool:
+    """Whether ranks on this machine can use ShmComm: it has /dev/shm, and it is x86-64, whose
+    store order (TSO) the publish-after-write protocol relies on (ARM would need fences)."""
+    return platform.machine().lower() in ("x86_64", "amd64") and os.path.isdir("/dev/shm")
 
 
 def shm_path(tag: str | None = None) -> str:

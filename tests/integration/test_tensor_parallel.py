@@ -120,6 +120,17 @@ def test_tensors_larger_than_a_shared_memory_slot_go_through_gloo(tiny_checkpoin
     assert (ours - reference).abs().max().item() < LOGIT_ATOL
 
 
+def test_shared_memory_collectives_only_where_stores_keep_their_order(monkeypatch):
+    import platform
+
+    from heron.distributed import shm_comm
+
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert shm_comm.available() == os.path.isdir("/dev/shm")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # weaker memory order: gloo instead
+    assert not shm_comm.available()
+
+
 def test_gguf_blocks_shard_over_three_ranks(smollm2_gguf_path, monkeypatch):
     """SmolLM2's 9 heads and 3 KV heads over 3 ranks, its matrices kept as Q4_1 / Q8_0 blocks.
 

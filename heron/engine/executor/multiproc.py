@@ -16,13 +16,13 @@ one, are killed. Start-up fails the same way, with the rank's own error, never a
 from __future__ import annotations
 
 import logging
-import os
 import random
 import socket
 
 import torch
 
 from heron.distributed.parallel_state import TPLayout, check_tp_layout
+from heron.distributed import shm_comm
 from heron.distributed.shm_comm import shm_path
 from heron.distributed.procs import ProcessHandle, RemoteHandle, WorkerDiedError, recv_all
 from heron.distributed.tp_worker import TPWorker
@@ -82,7 +82,7 @@ class MultiprocExecutor(Executor):
             # Here, not in __init__: a Ray executor's ranks find their GPUs on other nodes.
             raise ValueError(f"--tensor-parallel-size {self.size} needs {self.size} GPUs; {torch.cuda.device_count()} are visible")
         # Every rank is on this machine: CPU collectives go through shared memory (NCCL has its own).
-        shared_memory = shm_path() if device.type == "cpu" and os.path.isdir("/dev/shm") else None
+        shared_memory = shm_path() if device.type == "cpu" and shm_comm.available() else None
         handles = []
         for rank in range(self.size):
             rank_device = f"cuda:{rank}" if device.type == "cuda" else str(device)
